@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` (the main job on the embedded toy data) and
+# `make test`. Each installs whatever is missing first, and does nothing more when all is there.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fasttricks-installed
+APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test setup system-deps lint
+
+demo: $(STAMP)
+	$(VENV)/bin/fasttricks train --recipe baseline --data toy --override pipelines/overrides/toy.yaml \
+		--out runs/demo --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fasttricks tests benchmarks
+
+# FFCV compiles its C extension against libturbojpeg and OpenCV found through pkg-config.
+system-deps:
+	@if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then \
+		echo "system packages present: $(APT_PACKAGES)"; \
+	else \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+# Re-installs only when pyproject.toml changed since the last install.
+$(STAMP): pyproject.toml | system-deps
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)

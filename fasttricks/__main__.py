@@ -1,0 +1,3 @@
+from fasttricks.cli import main
+
+main()

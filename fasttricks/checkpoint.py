@@ -1,0 +1,98 @@
+"""Checkpoints: a folder per save, written under a temporary name and renamed (atomic), holding
+``model.safetensors`` (the timm network, with what is needed to rebuild it in its metadata) and
+``state.pt`` (optimizer, position, RNG states: tensors and plain containers only, read back with
+``weights_only=True``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fasttricks.models import WeightsError
+
+_NAME = re.compile(r"^s(\d+)-e(\d+)(?:-step(\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """Where a run is: ``epoch`` epochs of stage ``stage`` done, plus ``step`` steps of the next."""
+
+    stage: int
+    epoch: int
+    step: int = 0
+
+    def name(self) -> str:
+        return f"s{self.stage}-e{self.epoch:03d}" + (f"-step{self.step:06d}" if self.step else "")
+
+
+def save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
+    """The network's tensors with ``info`` (JSON) in the safetensors metadata, atomically."""
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"fasttricks": json.dumps(info)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The ``info`` saved with ``save_weights``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise WeightsError(f"{path} is not a safetensors file: {e}") from None
+    if "fasttricks" not in meta:
+        raise WeightsError(f"{path} was not written by fasttricks (no model description in its metadata)")
+    return json.loads(meta["fasttricks"])
+
+
+def save_checkpoint(run_dir: Path, position: Position, net: nn.Module, info: dict, state: dict) -> Path:
+    """Write ``checkpoints/<position>/``; returns its path."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / position.name()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        save_weights(tmp / "model.safetensors", net, info)
+        torch.save({**state, "position": asdict(position)}, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[Position, Path]]:
+    root = run_dir / "checkpoints"
+    found = []
+    for p in root.iterdir() if root.is_dir() else []:
+        m = _NAME.match(p.name)
+        if m and (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
+            found.append((Position(int(m[1]), int(m[2]), int(m[3] or 0)), p))
+    return sorted(found)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(network tensors, training state) of a checkpoint folder."""
+    return load_file(str(path / "model.safetensors")), torch.load(path / "state.pt", map_location="cpu",
+                                                                   weights_only=True)

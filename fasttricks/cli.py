@@ -1,0 +1,165 @@
+"""The ``fasttricks`` command: a thin typer layer over the library. Each command parses its
+options, calls one library function, and turns the library's known errors into one red line and
+exit status 2 instead of a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fasttricks.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Fast training of brain-like vision models (the 2022 Brain-Score winning recipe).")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from fasttricks.models import WeightsError
+    from fasttricks.data.beton import BuildError
+    from fasttricks.recipes import RecipeError
+    from fasttricks.runs import RunFolderError
+    from fasttricks.train import TrainingDiverged
+
+    return (BuildError, RecipeError, WeightsError, RunFolderError, TrainingDiverged, FileNotFoundError,
+            FileExistsError, ValueError)
+
+
+def friendly(fn):
+    """Known errors: message and exit 2. Ctrl-C in a training run: its message and exit 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from fasttricks.train import Interrupted
+
+        try:
+            return fn(*args, **kwargs)
+        except Interrupted as e:
+            console.print(f"[yellow]{e}")
+            raise typer.Exit(130) from None
+        except _user_errors() as e:
+            console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+@app.command("make-toy")
+@friendly
+def make_toy_cmd(
+    out: Annotated[Path, typer.Argument(help="folder to write train/, val/, val_clutter/ into")],
+    seed: int = 0, size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
+    train_per_class: int = 160, val_per_class: int = 30, clutter_per_class: int = 30,
+    overwrite: bool = False,
+):
+    """Generate the toy "objects on backgrounds" set as ImageFolders (same seed, same files)."""
+    from fasttricks.data.toy import ToyOptions, make_toy
+
+    if size < 16:
+        raise ValueError(f"--size must be at least 16 pixels, not {size}")
+    opts = ToyOptions(seed, size, train_per_class, val_per_class, clutter_per_class)
+    console.print(f"wrote {make_toy(out, opts, overwrite=overwrite)}")
+
+
+@app.command("build-beton")
+@friendly
+def build_beton_cmd(
+    src: Annotated[Path, typer.Argument(help="ImageFolder: SRC/<class>/<image>, classes sorted give labels")],
+    out: Annotated[Path, typer.Argument(help="the .beton to write (and OUT.json, its manifest)")],
+    max_res: Annotated[int | None, typer.Option(help="longest side kept, larger images are downscaled")] = None,
+    jpeg_quality: int = 90,
+    compress_probability: Annotated[float, typer.Option(help="share stored as JPEG with --write-mode proportion")] = 0.5,
+    write_mode: Annotated[str, typer.Option(help="raw | jpg | proportion | smart (FFCV)")] = "proportion",
+    workers: Annotated[int, typer.Option(help="0: one per core")] = 0,
+    limit: Annotated[int | None, typer.Option(help="write a seeded random subset of this many images")] = None,
+    overwrite: bool = False,
+):
+    """Compile an ImageFolder into an FFCV .beton; bad files are skipped and listed in the manifest."""
+    from fasttricks.data.beton import BetonOptions, build_beton
+
+    opts = BetonOptions(max_res=max_res, jpeg_quality=jpeg_quality, compress_probability=compress_probability,
+                        write_mode=write_mode, workers=workers, limit=limit)
+    m = build_beton(src, out, opts, overwrite=overwrite)
+    console.print(f"[green]{out}[/]: {m.images} images, {len(m.classes)} classes, {len(m.skipped)} skipped "
+                  f"({m.seconds:.0f} s); manifest {out}.json")
+    for s in m.skipped[:10]:
+        console.print(f"  skipped {s['file']}: {s['reason']}")
+
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="name in pipelines/ or a YAML path")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="dotted.key=value (repeatable)")]
+OverrideOpt = Annotated[list[Path] | None, typer.Option("--override", help="YAML merged over the recipe")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="folder of train/val(/val_clutter) betons, or 'toy'")]
+
+
+@app.command()
+@friendly
+def train(
+    recipe: RecipeOpt = "baseline", data: DataOpt = "toy",
+    out: Annotated[Path | None, typer.Option(help="run folder; default runs/<recipe>")] = None,
+    set_: SetOpt = None, override: OverrideOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
+    stop_after: Annotated[int | None, typer.Option(help="stop after this many epochs (resume later)")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu; default: cuda if present")] = None,
+):
+    """Train a recipe (all its stages) and leave a run folder with metrics, checkpoints and a summary."""
+    import torch
+
+    from fasttricks.data.sources import resolve_data
+    from fasttricks.recipes import load_recipe
+    from fasttricks.train import train as run_training
+
+    r = load_recipe(recipe, override or [], set_ or [])
+    out = out or Path("runs") / r.name
+    summary = run_training(r, resolve_data(data), out, device=torch.device(device) if device else None,
+                           resume=resume, overwrite=overwrite, stop_after=stop_after)
+    _print_summary(summary)
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    weights: Annotated[Path, typer.Argument(help="final.safetensors or a checkpoint's model.safetensors")],
+    data: DataOpt = "toy",
+    res: Annotated[int | None, typer.Option(help="test crop; resize keeps the model's crop/resize ratio")] = None,
+    resize: Annotated[int | None, typer.Option(help="test resize (short side), overrides the ratio")] = None,
+    batch_size: int = 256, device: str | None = None,
+):
+    """Top-1 and top-5 accuracy on val (and val_clutter when present)."""
+    import torch
+
+    from fasttricks.data.sources import resolve_data
+    from fasttricks.evaluate import eval_command
+    from fasttricks.train import default_device
+
+    result = eval_command(weights, resolve_data(data), crop=res, resize=resize, batch_size=batch_size,
+                          device=torch.device(device) if device else default_device())
+    console.print(f"{weights} at resize {result['resize']} / crop {result['crop']}")
+    for split in ("val", "val_clutter"):
+        if split in result:
+            m = result[split]
+            console.print(f"  {split:<12} top-1 {m['top1']:6.2f}%  top-5 {m['top5']:6.2f}%  ({m['images']} images)")
+    print(json.dumps(result))
+
+
+def _print_summary(summary: dict) -> None:
+    if "stopped_after_epochs" in summary:
+        console.print(f"[yellow]stopped after {summary['stopped_after_epochs']} epoch(s); "
+                      f"continue with --resume --out {summary['run']}")
+        return
+    console.rule("[bold]done")
+    for split in ("val", "val_clutter"):
+        if f"{split}_top1" in summary:
+            console.print(f"  {split:<12} top-1 {summary[f'{split}_top1']:6.2f}%  top-5 {summary[f'{split}_top5']:6.2f}%")
+    console.print(f"  run folder   {summary['run']}")
+    console.print(f"  weights      {summary['final_weights']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

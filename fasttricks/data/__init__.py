@@ -1,0 +1,1 @@
+"""Data: the toy set (`toy`), ImageFolder → .beton compilation (`beton`), FFCV loaders (`loader`)."""

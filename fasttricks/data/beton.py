@@ -1,0 +1,251 @@
+"""ImageFolder → FFCV ``.beton`` (RGB image + int label), with a manifest beside it.
+
+Real folders are dirty. Every file is checked before FFCV sees it, because an exception inside an
+FFCV writer process leaves the writer waiting forever for a sample that never comes: grayscale,
+CMYK, palette, 16-bit and alpha images are converted to RGB; empty, truncated and non-image files
+are skipped, each with its reason in the manifest. The beton is written under a temporary name
+and renamed, so ``OUT`` is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from fasttricks.progress import console, progress_bar
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+WRITE_MODES = ("raw", "jpg", "proportion", "smart")
+
+
+class BuildError(Exception):
+    """A beton cannot be built from what was given; the message names the file or option."""
+
+
+@dataclass
+class BetonOptions:
+    max_res: int | None = None
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+    write_mode: str = "proportion"
+    workers: int = 0  # 0: one per core
+    limit: int | None = None
+    seed: int = 0  # which files --limit keeps
+
+    def validate(self) -> None:
+        if self.write_mode not in WRITE_MODES:
+            raise BuildError(f"--write-mode must be one of {', '.join(WRITE_MODES)}, not {self.write_mode!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise BuildError(f"--jpeg-quality must be in 1..100, not {self.jpeg_quality}")
+        if not 0 <= self.compress_probability <= 1:
+            raise BuildError(f"--compress-probability must be in [0, 1], not {self.compress_probability}")
+        if self.max_res is not None and self.max_res < 8:
+            raise BuildError(f"--max-res must be at least 8 pixels, not {self.max_res}")
+        if self.limit is not None and self.limit < 1:
+            raise BuildError(f"--limit must be positive, not {self.limit}")
+
+
+@dataclass
+class Manifest:
+    source: str
+    beton: str
+    classes: list[str]
+    images: int = 0
+    files: list[str] = field(default_factory=list)  # relative to source, in beton order
+    skipped: list[dict] = field(default_factory=list)  # {"file", "reason"}
+    options: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def manifest_path(beton: str | os.PathLike) -> Path:
+    return Path(f"{beton}.json")
+
+
+def read_manifest(beton: str | os.PathLike) -> dict:
+    path = manifest_path(beton)
+    if not path.is_file():
+        raise BuildError(f"{path} is missing: build {beton} with `fasttricks build-beton`")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one file
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: alpha composited on white, 16-bit/float scaled, EXIF turned."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def check_image(path: Path) -> str | None:
+    """None if ``path`` decodes completely, else why not.
+
+    JPEGs are decoded in draft mode (DCT scaling, several times faster): the whole entropy-coded
+    stream is still read, so truncation is still caught.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            if img.width < 1 or img.height < 1:
+                return "zero-sized image"
+        return None
+    except Image.DecompressionBombError as e:
+        return f"too large: {e}"
+    except OSError as e:  # PIL raises OSError subclasses for unknown formats and truncation
+        msg = str(e)
+        return "not an image" if "cannot identify image file" in msg else f"unreadable: {msg}"
+    except Exception as e:  # a decoder bug on a hostile file must not stop a 1.2M-image build
+        return f"unreadable: {type(e).__name__}: {e}"
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(to_rgb(img), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning a folder
+
+def scan_image_folder(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes (sorted folder names) and (relative path, label) for every image-like file."""
+    if not src.is_dir():
+        raise BuildError(f"{src} is not a folder")
+    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise BuildError(f"{src} has no class folders: expected SRC/<class>/<image> (ImageNet layout)")
+    samples = []
+    for label, name in enumerate(classes):
+        for root, dirs, files in os.walk(src / name):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                if Path(f).suffix.lower() in IMAGE_EXTENSIONS and not f.startswith("."):
+                    samples.append((str(Path(root, f).relative_to(src)), label))
+    if not samples:
+        raise BuildError(f"{src} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return classes, samples
+
+
+def _limit(samples: list, limit: int | None, seed: int) -> list:
+    """A seeded random subset in folder order, so every class keeps its share."""
+    if limit is None or limit >= len(samples):
+        return samples
+    keep = np.sort(np.random.default_rng(seed).choice(len(samples), size=limit, replace=False))
+    return [samples[i] for i in keep]
+
+
+class _FolderDataset:
+    """What FFCV's writer indexes. Never raises: a file that fails now (it changed since the check)
+    is written as a grey placeholder and reported through a marker file, and the build then fails."""
+
+    def __init__(self, src: Path, samples: list[tuple[str, int]], failures: Path):
+        self.src, self.samples, self.failures = src, samples, failures
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        # FFCV's 'proportion' mode draws JPEG-or-raw from np.random in forked workers; seeding by
+        # index makes that choice (and so the beton's bytes) the same on every build.
+        np.random.seed(i % 2**32)
+        rel, label = self.samples[i]
+        try:
+            return load_rgb(self.src / rel), label
+        except Exception as e:
+            (self.failures / str(i)).write_text(f"{rel}: {type(e).__name__}: {e}")
+            return np.full((8, 8, 3), 128, np.uint8), label
+
+
+def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptions = BetonOptions(),
+                *, overwrite: bool = False, show_progress: bool = True) -> Manifest:
+    """Compile the ImageFolder ``src`` into ``out`` and write ``out.json``; return the manifest."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    src, out = Path(src), Path(out)
+    opts.validate()
+    if not src.exists():
+        raise BuildError(f"SRC {src} does not exist")
+    if out.exists() and not overwrite:
+        raise BuildError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    classes, samples = scan_image_folder(src)
+    samples = _limit(samples, opts.limit, opts.seed)
+    workers = opts.workers or os.cpu_count() or 1
+
+    good, skipped = _check_all(src, samples, workers, show_progress)
+    if not good:
+        raise BuildError(f"no readable image in {src}: all {len(skipped)} files were skipped "
+                         f"(first: {skipped[0]['file']}: {skipped[0]['reason']})")
+
+    fields = {"image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_res,
+                                     jpeg_quality=opts.jpeg_quality,
+                                     compress_probability=opts.compress_probability),
+              "label": IntField()}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    with tempfile.TemporaryDirectory(prefix="fasttricks-failures-") as failures:
+        try:
+            if show_progress:
+                console.print(f"writing {len(good)} images to {out} (FFCV, {workers} workers)")
+            writer = DatasetWriter(str(tmp), fields, num_workers=workers)
+            writer.from_indexed_dataset(_FolderDataset(src, good, Path(failures)),
+                                        chunksize=max(1, min(100, len(good) // workers)))
+            failed = sorted(Path(failures).iterdir(), key=lambda p: int(p.name))
+            if failed:
+                first = "; ".join(p.read_text() for p in failed[:3])
+                raise BuildError(f"{len(failed)} file(s) in {src} failed while being written "
+                                 f"(did they change during the build?): {first}")
+            manifest = Manifest(source=str(src.resolve()), beton=str(out.resolve()), classes=classes,
+                                images=len(good), files=[rel for rel, _ in good], skipped=skipped,
+                                options=asdict(opts), seconds=round(time.time() - start, 2))
+            os.replace(tmp, out)
+            _write_json_atomic(manifest_path(out), asdict(manifest))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return manifest
+
+
+def _check_all(src: Path, samples: list, workers: int, show_progress: bool) -> tuple[list, list]:
+    good, skipped = [], []
+    # Threads suffice: PIL releases the GIL while decoding.
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress_bar(f"checking {src.name}", len(samples), enabled=show_progress) as advance:
+        for (rel, label), reason in zip(samples, pool.map(lambda s: check_image(src / s[0]), samples)):
+            if reason is None:
+                good.append((rel, label))
+            else:
+                skipped.append({"file": rel, "reason": reason})
+            advance(1)
+    return good, skipped
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

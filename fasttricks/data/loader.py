@@ -1,0 +1,136 @@
+"""FFCV loaders: training (seeded random-resized crop + flip at this epoch's resolution) and
+validation (resize R, centre crop C). Batches come out as float NCHW channels_last in [0, 1] on
+the training device; normalisation is the model's job (`fasttricks.models`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order.base import TraversalOrder
+
+from fasttricks.data.crops import SeededRandomResizedCropFlip
+
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class SeededOrder(TraversalOrder):
+    """Random order keyed by (seed, epoch), split into disjoint per-rank shards the way
+    ``DistributedSampler`` does (padded by wrapping around), and able to start ``skip`` samples
+    into the epoch so that a run resumed mid-epoch sees the batches it would have seen."""
+
+    skip = 0
+
+    def sample_order(self, epoch: int):
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.indices)
+        rank, world = dist_info() if self.distributed else (0, 1)
+        if world > 1:
+            total = -(-len(order) // world) * world
+            order = np.resize(order, total)[rank::world]
+        if self.loader.drop_last:  # FFCV trims by its batch count, which ignores the skip
+            order = order[:len(order) // self.loader.batch_size * self.loader.batch_size]
+        return order[self.skip:]
+
+
+class TrainLoader:
+    """The training loader of one stage. ``epoch(e, res)`` yields (images, labels)."""
+
+    def __init__(self, beton: str | os.PathLike, *, batch_size: int, resolution: int, seed: int,
+                 device: torch.device, workers: int = 0, order: str = "random", os_cache: bool = True,
+                 distributed: bool = False, drop_last: bool = True, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3)):
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+        if order == "quasi_random" and distributed:
+            raise ValueError("FFCV does not allow quasi_random order with distributed=True; use random")
+        self.device, self.batch_size = device, batch_size
+        self.decoder = SeededRandomResizedCropFlip((resolution, resolution), seed=seed, scale=scale,
+                                                   ratio=ratio)
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
+                             order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL,
+                             os_cache=os_cache, drop_last=drop_last, distributed=distributed, seed=seed,
+                             pipelines={"image": [self.decoder, *_to_device(device)],
+                                        "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
+        self.order = None
+        if order == "random":  # ours: seeded, resumable; FFCV's own is kept for the other two
+            self.order = SeededOrder(self.loader)
+            self.loader.traversal_order = self.order
+            self.loader.first_traversal_order = self.order.sample_order(0)
+        if len(self.loader) == 0:
+            raise ValueError(f"{beton} holds fewer images per process than one batch ({batch_size}); "
+                             "lower the batch size")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, resolution: int, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches at ``resolution``, starting after ``skip_batches`` batches."""
+        if skip_batches and self.order is None:
+            raise ValueError("resuming inside an epoch needs order: random")
+        self.decoder.output_size = (resolution, resolution)
+        self.decoder.set_epoch(epoch)
+        if self.order is not None:
+            self.order.skip = skip_batches * self.batch_size
+        self.loader.next_epoch = epoch
+        for images, labels in self.loader:
+            yield _to_float(images), labels.to(torch.long, copy=True)
+
+
+def create_val_loader(beton: str | os.PathLike, *, batch_size: int, resize: int, crop: int,
+                      device: torch.device, workers: int = 0, distributed: bool = False) -> Loader:
+    """Resize the short side to ``resize`` and take the centre ``crop`` (crop/resize is FFCV's
+    ``ratio``), in file order; every image once (no drop_last)."""
+    if crop > resize:
+        raise ValueError(f"the validation crop ({crop}) cannot exceed the resize ({resize})")
+    decoder = CenterCropRGBImageDecoder((crop, crop), ratio=crop / resize)
+    return Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
+                  order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
+                  pipelines={"image": [decoder, *_to_device(device)],
+                             "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
+
+
+def iterate_val(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in loader:
+        yield _to_float(images), labels.to(torch.long, copy=True)
+
+
+def _to_device(device: torch.device, image: bool = True) -> list:
+    ops = [ToTensor()] if image else []
+    if device.type == "cuda":
+        ops.append(ToDevice(device, non_blocking=True))
+    if image:
+        ops.append(ToTorchImage(channels_last=True))
+    return ops
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    # A new tensor: FFCV reuses its batch buffers a few iterations later.
+    return images.float().div_(255)
+
+
+def beton_paths(data_dir: str | os.PathLike) -> dict[str, Path]:
+    """The betons of a data folder: train and val required, val_clutter when present."""
+    data_dir = Path(data_dir)
+    paths = {split: data_dir / f"{split}.beton" for split in ("train", "val", "val_clutter")}
+    for split in ("train", "val"):
+        if not paths[split].is_file():
+            raise FileNotFoundError(f"{paths[split]} is missing: a data folder holds train.beton and "
+                                    f"val.beton made by `fasttricks build-beton` (or use --data toy)")
+    if not paths["val_clutter"].is_file():
+        del paths["val_clutter"]
+    return paths

@@ -1,0 +1,103 @@
+"""Models: timm networks by name, wrapped so that they take [0, 1] images and normalise
+themselves (the attack and the augmentations work in pixel space), and safe weight loading."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from fasttricks.recipes import ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded into the model; the message says why."""
+
+
+class Classifier(nn.Module):
+    """``net((x - mean) / std)`` for x in [0, 1]. The mean and std are buffers that are not saved:
+    the saved state is the timm network's own, loadable by plain timm."""
+
+    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
+    """The timm model ``cfg.arch`` with ``num_classes`` outputs, random or from ``cfg.weights``."""
+    kwargs = {k: v for k, v in (("drop_rate", cfg.drop_rate), ("drop_path_rate", cfg.drop_path_rate))
+              if v is not None}
+    try:
+        net = timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"model.arch: timm has no model {cfg.arch!r} (see timm.list_models())") from None
+        raise
+    if cfg.weights:
+        load_weights(net, cfg.weights)
+    pretrained = getattr(net, "pretrained_cfg", {}) or {}
+    return Classifier(net, pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, or a torch checkpoint read with
+    ``weights_only=True`` (never an arbitrary unpickle). Wrappers ``state_dict``/``model`` and
+    ``module.`` prefixes (DataParallel/DDP) are removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsError(f"{path} cannot be read as a torch checkpoint with weights_only=True "
+                               f"(only tensors and plain containers are accepted): {e}") from None
+    for key in ("state_dict", "model", "net"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a mapping of names to tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load ``path`` into the timm network ``net``. The classifier is skipped when its shape
+    differs (fine-tuning to other classes); any other mismatch is an error listing the first ones."""
+    state = read_state_dict(path)
+    own = net.state_dict()
+    classifier = _classifier_prefix(net)
+    if classifier:
+        for k in [k for k in state if k.startswith(classifier + ".")]:
+            if k in own and own[k].shape != state[k].shape:
+                del state[k]
+    missing = [k for k in own if k not in state and not (classifier and k.startswith(classifier + "."))]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+             if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+                 if keys]
+        raise WeightsError(f"{path} does not fit {type(net).__name__}: " + "; ".join(parts))
+    net.load_state_dict(state, strict=False)
+
+
+def _classifier_prefix(net: nn.Module) -> str | None:
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    name = cfg.get("classifier")
+    return name if isinstance(name, str) else None

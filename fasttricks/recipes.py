@@ -1,0 +1,255 @@
+"""Recipes: the schema, loading by name or path, ``base:`` inheritance and overrides.
+
+A recipe is data: a YAML file in ``pipelines/`` validated by the pydantic models below (each field
+says what it is and where its default comes from). A recipe may start from another with
+``base: NAME_OR_PATH`` and then reads as a diff. Overrides come from files (``--override``) and
+from ``--set dotted.key=value``; in both, a list of stages can be addressed by index
+(``stages.0.epochs=2``) or all at once with ``*`` (``stages.*.batch_size=64``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the key and what it accepts."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    arch: str = Field("efficientnet_b1", description="timm model name (timm.list_models())")
+    weights: str | None = Field(None, description="local weights file to start from (safetensors or a "
+                                "torch checkpoint, loaded with weights_only=True)")
+    drop_rate: float | None = Field(None, ge=0, lt=1, description="classifier dropout; None: timm's default")
+    drop_path_rate: float | None = Field(None, ge=0, lt=1, description="stochastic depth; None: timm's default")
+
+
+class DataConfig(Strict):
+    workers: int = Field(0, ge=0, description="FFCV decode threads; 0: one per core")
+    order: Literal["random", "quasi_random", "sequential"] = Field(
+        "random", description="random: seeded and resumable; quasi_random: FFCV's, for data larger than RAM")
+    os_cache: bool = Field(True, description="let the OS page cache hold the beton (FFCV); False with quasi_random")
+    val_resize: int = Field(272, ge=8, description="validation: resize the short side to R (paper: 272)")
+    val_crop: int = Field(240, ge=8, description="validation: centre crop C (paper: 240)")
+    val_batch_size: int = Field(256, ge=1)
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop area range (torchvision)")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.val_crop > self.val_resize:
+            raise ValueError(f"val_crop ({self.val_crop}) cannot exceed val_resize ({self.val_resize})")
+        return self
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.5, gt=0, description="peak learning rate for this stage's batch size")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    nesterov: bool = False
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW only")
+    weight_decay: float = Field(5e-5, ge=0, description="not applied to norms and biases")
+
+
+class ScheduleConfig(Strict):
+    name: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0, ge=0, description="linear warm-up from warmup_factor x lr")
+    warmup_factor: float = Field(0.1, gt=0, le=1)
+    final_factor: float = Field(0.0, ge=0, le=1, description="cosine/linear: lr at the end, as a fraction")
+    step_epochs: list[int] = Field(default_factory=list, description="step: epochs where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+
+
+class ResolutionConfig(Strict):
+    """Progressive resizing as in FFCV's ImageNet recipe: ``min`` until ``start_ramp``, a linear
+    ramp to ``max`` at ``end_ramp``, rounded to a multiple of ``multiple``."""
+
+    min: int = Field(160, ge=8)
+    max: int = Field(192, ge=8)
+    start_ramp: int = Field(0, ge=0, description="epoch (0-based, within the stage) where the ramp starts")
+    end_ramp: int = Field(0, ge=0, description="epoch where it reaches max")
+    multiple: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) cannot exceed max ({self.max})")
+        if self.start_ramp > self.end_ramp:
+            raise ValueError(f"start_ramp ({self.start_ramp}) cannot come after end_ramp ({self.end_ramp})")
+        return self
+
+
+class StageConfig(Strict):
+    name: str = "train"
+    epochs: int = Field(16, ge=1)
+    batch_size: int = Field(256, ge=1, description="per process")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm; None: no clipping")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    resolution: ResolutionConfig = ResolutionConfig()
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    seed: int = Field(0, ge=0, description="every random draw of a run is a function of it")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    stages: Annotated[list[StageConfig], Field(min_length=1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def recipe_path(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A path as given (or relative to ``relative_to``), else ``pipelines/NAME.yaml``."""
+    candidates = [Path(name_or_path)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name_or_path)
+    candidates += [PIPELINES / f"{name_or_path}.yaml", PIPELINES / str(name_or_path)]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in PIPELINES.glob("*.yaml")) if PIPELINES.is_dir() else []
+    raise RecipeError(f"no recipe {str(name_or_path)!r}: not a file, and not one of {known} in {PIPELINES}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def read_recipe_tree(name_or_path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """The raw recipe with its ``base:`` chain merged in."""
+    path = recipe_path(name_or_path, _seen[-1].parent if _seen else None).resolve()
+    if path in _seen:
+        raise RecipeError(f"recipe base cycle: {' -> '.join(map(str, (*_seen, path)))}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return merge(read_recipe_tree(base, (*_seen, path)), data)
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Deep merge: mappings key by key; a list is replaced by a list, or patched by a mapping
+    of indices (and ``*`` for every element); anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(override, dict):
+        out = list(base)
+        for k, v in override.items():
+            for i in _list_indices(out, k):
+                out[i] = merge(out[i], v)
+        return out
+    return copy.deepcopy(override)
+
+
+def _list_indices(items: list, key: Any) -> range | list[int]:
+    if key == "*":
+        return range(len(items))
+    try:
+        i = int(key)
+    except (TypeError, ValueError):
+        raise RecipeError(f"a list is addressed by an index or '*', not {key!r}") from None
+    if not -len(items) <= i < len(items):
+        raise RecipeError(f"index {i} is out of range for a list of {len(items)}")
+    return [i]
+
+
+def parse_set(assignment: str) -> dict:
+    """``a.b.0.c=value`` as the nested override {a: {b: {0: {c: value}}}}; value read as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set expects dotted.key=value, not {assignment!r}")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_recipe(name_or_path: str | os.PathLike, overrides: list[str | os.PathLike] = (),
+                sets: list[str] = ()) -> Recipe:
+    """Load, merge ``overrides`` files then ``sets``, and validate."""
+    data = read_recipe_tree(name_or_path)
+    for file in overrides:
+        path = Path(file)
+        if not path.is_file():
+            raise RecipeError(f"override file {path} does not exist")
+        data = merge(data, _read_yaml(path))
+    for assignment in sets:
+        data = merge(data, parse_set(assignment))
+    return validate(data, source=str(name_or_path))
+
+
+def validate(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"invalid recipe {source}:\n" + "\n".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    line = f"  {loc}: {err['msg']}"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        if allowed:
+            line += f"; allowed keys here: {', '.join(allowed)}"
+    elif "input" in err and not isinstance(err["input"], dict):
+        line += f" (got {err['input']!r})"
+    return line
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    cls: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            return []
+        cls = _model_class(field.annotation)
+        if cls is None:
+            return []
+    return list(cls.model_fields)
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside ``X``, ``list[X]``, ``X | None`` or ``Annotated[...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_class(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def dump(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,307 @@
+"""The training loop: stages of epochs of steps, checkpoints, metrics, resume.
+
+The hot path is ``training_step``; everything else runs once per epoch or less. Rules kept here:
+no host-device sync inside a step except at logging points, and every random draw is a
+function of (seed, epoch, sample or step), so ``--resume`` reproduces the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm.optim
+import torch
+from torch import nn
+
+from fasttricks import runs
+from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from fasttricks.data.beton import read_manifest
+from fasttricks.data.loader import TrainLoader, beton_paths, create_val_loader, dist_info, iterate_val
+from fasttricks.evaluate import accuracy, autocast
+from fasttricks.models import Classifier, create_model
+from fasttricks.progress import console, progress_bar
+from fasttricks.recipes import OptimizerConfig, Recipe, StageConfig
+from fasttricks.schedules import lr_factor, resolution_at
+
+LOG_EVERY = 20  # steps between progress updates, the only syncs of a step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the run was saved where it stood and can be resumed."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                  optimizer: torch.optim.Optimizer, criterion: nn.Module, stage: StageConfig) -> torch.Tensor:
+    """One step on a batch already on the device, in [0, 1]: forward and backward in autocast,
+    optimizer step. Returns the loss as a device tensor (no sync)."""
+    with autocast(images.device):
+        loss = criterion(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if stage.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """timm's factory: no weight decay on biases and norm parameters, frozen parameters left out."""
+    if cfg.name == "sgd":
+        return timm.optim.create_optimizer_v2(model, "nesterov" if cfg.nesterov else "momentum", lr=cfg.lr,
+                                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return timm.optim.create_optimizer_v2(model, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          betas=tuple(cfg.betas))
+
+
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What every part of a training run shares."""
+
+    recipe: Recipe
+    out: Path
+    device: torch.device
+    model: Classifier
+    info: dict  # what final.safetensors records about the model
+    val_loaders: dict
+    train_beton: Path
+    is_main: bool
+    show_progress: bool
+    interrupt: _InterruptFlag
+    epochs_before: list[int] = field(default_factory=list)  # global epoch index of each stage's start
+
+    def save(self, position: Position, state: dict) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.out, position, self.model.net, self.info, state)
+
+
+def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *, device: torch.device | None = None,
+          resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
+          show_progress: bool = True) -> dict:
+    """Run every stage of ``recipe`` on the betons in ``data_dir``, writing the run to ``out``.
+
+    ``stop_after`` ends this call after that many epochs (for time-limited jobs; ``resume``
+    continues). Returns the summary (also written to ``summary.json`` when the run completes).
+    """
+    out, device = Path(out), device or default_device()
+    rank, _ = dist_info()
+    paths = beton_paths(data_dir)
+    classes = read_manifest(paths["train"])["classes"]
+    if rank == 0:
+        recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite)
+    torch.manual_seed(recipe.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = create_model(recipe.model, len(classes)).to(device).to(memory_format=torch.channels_last)
+    info = {"arch": recipe.model.arch, "num_classes": len(classes), "classes": classes,
+            "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+            "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name}
+    val_loaders = {split: create_val_loader(p, batch_size=recipe.data.val_batch_size, resize=recipe.data.val_resize,
+                                            crop=recipe.data.val_crop, device=device, workers=recipe.data.workers)
+                   for split, p in paths.items() if split != "train"}
+    starts = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
+    with _InterruptFlag() as interrupt:
+        run = Run(recipe, out, device, model, info, val_loaders, paths["train"], rank == 0, show_progress,
+                  interrupt, starts)
+        position, state = _restore(run) if resume else (Position(0, 0), None)
+        started = time.time()
+        done_now = 0
+        for s, stage in enumerate(recipe.stages):
+            if s < position.stage or (s == position.stage and position.epoch >= stage.epochs):
+                continue
+            begin = position if s == position.stage else Position(s, 0)
+            done_now = _run_stage(run, s, stage, begin, state if s == position.stage else None,
+                                  stop_after=None if stop_after is None else stop_after - done_now,
+                                  done_now=done_now)
+            if stop_after is not None and done_now >= stop_after:
+                return _stopped(run, stop_after)
+    return _finish(run, time.time() - started)
+
+
+def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dict | None, *,
+               stop_after: int | None, done_now: int) -> int:
+    data = run.recipe.data
+    rank, world = dist_info()
+    loader = TrainLoader(run.train_beton, batch_size=stage.batch_size,
+                         resolution=resolution_at(stage.resolution, begin.epoch), seed=run.recipe.seed,
+                         device=run.device, workers=data.workers, order=data.order, os_cache=data.os_cache,
+                         distributed=world > 1, scale=data.crop_scale, ratio=data.crop_ratio)
+    optimizer = create_optimizer(run.model, stage.optimizer)
+    criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state)
+    for epoch in range(begin.epoch, stage.epochs):
+        resume_step = begin.step if epoch == begin.epoch else 0
+        row = _run_epoch(run, s, stage, epoch, loader, optimizer, criterion, resume_step,
+                         state if resume_step else None)
+        if run.is_main:
+            runs.append_metrics(run.out, row)
+        run.save(Position(s, epoch + 1), {"optimizer": optimizer.state_dict(), **_rng_state()})
+        done_now += 1
+        if stop_after is not None and done_now >= stop_after:
+            break
+    return done_now
+
+
+def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLoader,
+               optimizer: torch.optim.Optimizer, criterion: nn.Module, start_step: int,
+               state: dict | None) -> dict:
+    res = resolution_at(stage.resolution, epoch)
+    steps = len(loader)
+    device = run.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    seen, seconds = 0, 0.0
+    if state is not None:  # mid-epoch resume: the running sums continue where they stopped
+        loss_sum += state["loss_sum"]
+        seen, seconds = state["seen"], state["seconds"]
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    run.model.train()
+    label = f"{stage.name} {epoch + 1}/{stage.epochs} @{res}px"
+    tic = time.perf_counter()
+    with progress_bar(label, steps, enabled=run.show_progress and run.is_main,
+                      extra="loss {task.fields[loss]} · {task.fields[ips]} img/s", loss="…", ips="…") as advance:
+        advance(start_step)
+        shown = done = start_step
+        seen_before = seen
+        for step, (images, labels) in enumerate(loader.epoch(run.epochs_before[s] + epoch, res, start_step),
+                                                start=start_step):
+            for group in optimizer.param_groups:
+                group["lr"] = stage.optimizer.lr * lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
+            loss = training_step(run.model, images, labels, optimizer, criterion, stage)
+            loss_sum += loss
+            seen += labels.shape[0]
+            done = step + 1
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
+                _check_finite(run, stage, epoch, first_bad)
+                elapsed = time.perf_counter() - tic
+                advance(step + 1 - shown, loss=f"{loss_sum.item() / (step + 1):.3f}",
+                        ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}")
+                shown = step + 1
+            if run.interrupt.set:
+                _check_finite(run, stage, epoch, first_bad)
+                path = run.save(Position(s, epoch, step + 1),
+                                {"optimizer": optimizer.state_dict(), **_rng_state(), "loss_sum": loss_sum.cpu(),
+                                 "seen": seen, "seconds": seconds + time.perf_counter() - tic})
+                raise Interrupted(f"interrupted at {stage.name} epoch {epoch + 1} step {step + 1}; "
+                                  f"saved {path}. Continue with --resume.")
+    seconds += time.perf_counter() - tic
+    metrics = {split: accuracy(run.model, iterate_val(loader_), device) for split, loader_ in run.val_loaders.items()}
+    row = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+           "resolution": res, "train_loss": loss_sum.item() / max(done, 1),
+           "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2)}
+    for split, m in metrics.items():
+        row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
+    if run.is_main and run.show_progress:
+        console.print(_describe_row(row))
+    return row
+
+
+def _describe_row(row: dict) -> str:
+    accs = " · ".join(f"{split} {row[f'{split}_top1']:.1f}% (top-5 {row[f'{split}_top5']:.1f}%)"
+                      for split in ("val", "val_clutter") if f"{split}_top1" in row)
+    return (f"  epoch {row['epoch']} · lr {row['lr']:.3g} · loss {row['train_loss']:.3f} · "
+            f"{row['images_per_s']:.0f} img/s · {accs}")
+
+
+def _check_finite(run: Run, stage: StageConfig, epoch: int, first_bad: torch.Tensor) -> None:
+    bad = int(first_bad.item())
+    if bad >= 0:
+        kept = list_checkpoints(run.out)
+        where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+        raise TrainingDiverged(f"non-finite loss in stage {stage.name!r}, epoch {epoch + 1}, step {bad + 1}; "
+                               f"{where}. Lower the learning rate or set grad_clip.")
+
+
+def _rng_state() -> dict:
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _restore(run: Run) -> tuple[Position, dict | None]:
+    """Load the newest checkpoint of the run folder; drop metrics rows written after it."""
+    found = list_checkpoints(run.out)
+    if not found:
+        console.print(f"[yellow]no checkpoint in {run.out}: starting from the beginning")
+        return Position(0, 0), None
+    position, path = found[-1]
+    weights, state = load_checkpoint(path)
+    run.model.net.load_state_dict(weights)
+    if run.is_main:
+        runs.truncate_metrics(run.out, run.epochs_before[position.stage] + position.epoch)
+        console.print(f"resuming from {path}")
+    # At a stage's end the next stage starts afresh: its optimizer, the RNG continuing.
+    if position.epoch >= run.recipe.stages[position.stage].epochs:
+        _set_rng_state(state)
+        return position, None
+    return position, state
+
+
+def _final_metrics(run: Run) -> dict:
+    rows = runs.read_metrics(run.out)
+    return rows[-1] if rows else {}
+
+
+def _finish(run: Run, seconds: float) -> dict:
+    last = _final_metrics(run)
+    summary = {"run": str(run.out.resolve()), "recipe": run.recipe.name, "model": run.recipe.model.arch,
+               "epochs": sum(s.epochs for s in run.recipe.stages), "final_weights": str((run.out / "final.safetensors").resolve()),
+               "val_resize": run.recipe.data.val_resize, "val_crop": run.recipe.data.val_crop,
+               "seconds_this_call": round(seconds, 1)}
+    summary.update({k: v for k, v in last.items() if k.startswith(("val", "train_loss", "images_per_s"))})
+    if run.is_main:
+        save_weights(run.out / "final.safetensors", run.model.net, run.info)
+        runs.write_json(run.out / "summary.json", summary)
+    return summary
+
+
+def _stopped(run: Run, epochs: int) -> dict:
+    return {"run": str(run.out.resolve()), "stopped_after_epochs": epochs, **_final_metrics(run)}
+
+
+class _InterruptFlag:
+    """First Ctrl-C: finish the current step, save, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        console.print("[yellow]Ctrl-C: saving after this step (press again to abort without saving)")
+

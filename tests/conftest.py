@@ -1,0 +1,37 @@
+"""Shared fixtures: a small toy data set compiled once per session, device parametrisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttricks.data.sources import ensure_toy_data
+from fasttricks.data.toy import ToyOptions
+
+SMALL_TOY = ToyOptions(seed=0, size=48, train_per_class=40, val_per_class=10, clutter_per_class=10)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """Folder with train/val/val_clutter betons of a small toy set (400 training images)."""
+    return ensure_toy_data(SMALL_TOY, root=tmp_path_factory.mktemp("cache"), show_progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # `--data toy` inside a test must never write to the user's cache.
+    monkeypatch.setenv("FASTTRICKS_CACHE", str(tmp_path_factory.getbasetemp() / "fasttricks-cache"))
+
+
+@pytest.fixture
+def cpu():
+    return torch.device("cpu")

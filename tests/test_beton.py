@@ -1,0 +1,173 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import ToTensor
+from PIL import Image
+from typer.testing import CliRunner
+
+from fasttricks.cli import app
+from fasttricks.data import beton
+from fasttricks.data.beton import BetonOptions, BuildError, build_beton
+
+RAW = BetonOptions(write_mode="raw", workers=2)
+
+
+def _read_all(path, decoder):
+    loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    return torch.cat(images).numpy(), torch.cat(labels).flatten().numpy()
+
+
+def _folder(root, classes=("b_dog", "a_cat", "c_eel"), per_class=3, size=(20, 16)):
+    """Images whose pixels encode (class, index), so a round trip can be checked exactly."""
+    rng = np.random.default_rng(0)
+    expected = {}
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+            expected[f"{name}/{i}.png"] = arr
+    return expected
+
+
+def test_round_trip_every_image_reads_back_with_folder_order_labels(tmp_path):
+    expected = _folder(tmp_path / "src")
+    m = build_beton(tmp_path / "src", tmp_path / "out.beton", RAW, show_progress=False)
+    assert m.classes == ["a_cat", "b_dog", "c_eel"]  # sorted names give the label ids
+    assert m.images == 9 and m.skipped == []
+    images, labels = _read_all(tmp_path / "out.beton", SimpleRGBImageDecoder())
+    for img, label, rel in zip(images, labels, m.files, strict=True):
+        assert m.classes[label] == rel.split("/")[0]
+        np.testing.assert_array_equal(img, expected[rel])
+    manifest = json.loads((tmp_path / "out.beton.json").read_text())
+    assert manifest["images"] == 9 and manifest["options"]["write_mode"] == "raw"
+    assert manifest["source"] == str((tmp_path / "src").resolve())
+
+
+def _dirty_folder(root):
+    good = root / "good"
+    bad = root / "bad"
+    good.mkdir(parents=True)
+    bad.mkdir()
+    rgb = np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(good / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(good / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(good / "palette.gif")
+    Image.fromarray(np.dstack([rgb, np.full((30, 40), 128, np.uint8)])).save(good / "alpha.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 200)).save(good / "sixteen.png")
+    Image.fromarray(rgb[:1, :1]).save(good / "one_pixel.png")
+    Image.fromarray(rgb).save(good / "odd.JPEG", quality=90)
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("not an image at all")
+    full = bad / "full.jpg"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (200, 200, 3), dtype=np.uint8)).save(full)
+    (bad / "truncated.jpg").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    full.unlink()
+    (bad / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_dirty_folder_converts_what_it_can_and_skips_the_rest_with_reasons(tmp_path):
+    _dirty_folder(tmp_path / "src")
+    m = build_beton(tmp_path / "src", tmp_path / "out.beton", RAW, show_progress=False)
+    assert sorted(m.files) == sorted(f"good/{n}" for n in
+                                     ["gray.png", "cmyk.jpg", "palette.gif", "alpha.png", "sixteen.png",
+                                      "one_pixel.png", "odd.JPEG"])
+    reasons = {s["file"]: s["reason"] for s in m.skipped}
+    assert set(reasons) == {"bad/empty.jpg", "bad/text.jpg", "bad/truncated.jpg"}
+    assert reasons["bad/empty.jpg"] == "empty file"
+    assert reasons["bad/text.jpg"] == "not an image"
+    assert "truncated" in reasons["bad/truncated.jpg"]
+    images, labels = _read_all(tmp_path / "out.beton", CenterCropRGBImageDecoder((8, 8), ratio=1.0))
+    assert len(images) == 7 and set(labels) == {1}  # 'bad' is class 0 and kept none
+    gray = images[m.files.index("good/gray.png")]
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+
+
+def test_alpha_is_composited_on_white():
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (10, 20, 30, 255))
+    out = np.asarray(beton.to_rgb(rgba))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [10, 20, 30]
+
+
+def test_limit_keeps_a_seeded_subset_and_max_res_downscales(tmp_path):
+    _folder(tmp_path / "src", per_class=10, size=(64, 32))
+    m = build_beton(tmp_path / "src", tmp_path / "a.beton", BetonOptions(write_mode="raw", limit=7, max_res=16),
+                    show_progress=False)
+    again = build_beton(tmp_path / "src", tmp_path / "b.beton", BetonOptions(write_mode="raw", limit=7),
+                        show_progress=False)
+    assert m.images == 7 and m.files == again.files
+    from ffcv.reader import Reader
+
+    meta = Reader(str(tmp_path / "a.beton")).metadata
+    assert meta["f0"]["width"].max() == 16 and meta["f0"]["height"].max() == 8  # fields are f0, f1
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_images"])
+def test_bad_sources_are_clear_errors(tmp_path, case):
+    src = tmp_path / "src"
+    if case != "missing":
+        src.mkdir()
+    if case == "no_images":
+        (src / "cls").mkdir()
+        (src / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(BuildError, match=str(src)):
+        build_beton(src, tmp_path / "out.beton", RAW, show_progress=False)
+    assert not (tmp_path / "out.beton").exists()
+
+
+def test_all_files_bad_is_an_error_not_an_empty_beton(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.jpg").write_bytes(b"")
+    with pytest.raises(BuildError, match="no readable image"):
+        build_beton(tmp_path / "src", tmp_path / "out.beton", RAW, show_progress=False)
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    _folder(tmp_path / "src")
+    out = tmp_path / "out.beton"
+    out.write_bytes(b"precious")
+    with pytest.raises(BuildError, match="--overwrite"):
+        build_beton(tmp_path / "src", out, RAW, show_progress=False)
+    assert out.read_bytes() == b"precious"
+    build_beton(tmp_path / "src", out, RAW, overwrite=True, show_progress=False)
+    assert out.stat().st_size > 100
+
+
+def test_a_file_that_breaks_during_the_write_fails_the_build_without_hanging_or_leaving_output(
+        tmp_path, monkeypatch):
+    _folder(tmp_path / "src")
+    (tmp_path / "src" / "a_cat" / "0.png").write_bytes(b"garbage now")
+    monkeypatch.setattr(beton, "check_image", lambda path: None)  # the check saw it intact
+    with pytest.raises(BuildError, match="a_cat/0.png"):
+        build_beton(tmp_path / "src", tmp_path / "out.beton", RAW, show_progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no beton, no temporary, no manifest
+
+
+def test_invalid_options_name_the_option(tmp_path):
+    with pytest.raises(BuildError, match="--write-mode"):
+        build_beton(tmp_path, tmp_path / "o.beton", BetonOptions(write_mode="png"), show_progress=False)
+    with pytest.raises(BuildError, match="--jpeg-quality"):
+        build_beton(tmp_path, tmp_path / "o.beton", BetonOptions(jpeg_quality=0), show_progress=False)
+
+
+def test_cli_reports_errors_in_one_line_with_nonzero_exit(tmp_path):
+    result = CliRunner().invoke(app, ["build-beton", str(tmp_path / "nope"), str(tmp_path / "o.beton")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_cli_builds_with_jpeg_options(tmp_path):
+    _folder(tmp_path / "src", size=(32, 32))
+    result = CliRunner().invoke(app, ["build-beton", str(tmp_path / "src"), str(tmp_path / "o.beton"),
+                                      "--write-mode", "jpg", "--jpeg-quality", "80", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o.beton.json").read_text())
+    assert manifest["images"] == 9 and manifest["options"]["jpeg_quality"] == 80

@@ -1,0 +1,68 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fasttricks.data import toy
+from fasttricks.data.toy import CLASSES, ToyOptions, make_toy, render
+
+TINY = ToyOptions(seed=3, size=32, train_per_class=2, val_per_class=1, clutter_per_class=1)
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*.png")):
+        h.update(str(p.relative_to(folder)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):
+    a = make_toy(tmp_path / "a", TINY, show_progress=False)
+    b = make_toy(tmp_path / "b", TINY, show_progress=False)
+    c = make_toy(tmp_path / "c", ToyOptions(**{**TINY.__dict__, "seed": 4}), show_progress=False)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_layout_is_an_imagefolder_per_split_with_balanced_classes(tmp_path):
+    out = make_toy(tmp_path / "t", TINY, show_progress=False)
+    assert json.loads((out / "toy.json").read_text())["classes"] == CLASSES == sorted(CLASSES)
+    for split, per_class in TINY.counts().items():
+        for name in CLASSES:
+            files = list((out / split / name).glob("*.png"))
+            assert len(files) == per_class
+            assert Image.open(files[0]).size == (32, 32)
+
+
+def _object_fraction(split: str, n: int = 40) -> float:
+    opts = ToyOptions(size=64)
+    return float(np.mean([render(i % len(CLASSES), split, i, opts, with_mask=True)[1].mean() for i in range(n)]))
+
+
+def test_clutter_objects_are_much_smaller_than_centred_training_objects():
+    train, clutter = _object_fraction("train"), _object_fraction("val_clutter")
+    assert 0.15 < train < 0.6  # large and centred, as photographers frame objects
+    assert clutter < train / 3
+
+
+def test_existing_output_needs_overwrite_and_failures_leave_nothing(tmp_path, monkeypatch):
+    out = make_toy(tmp_path / "t", TINY, show_progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_toy(out, TINY, show_progress=False)
+
+    calls = {"n": 0}
+
+    def failing_render(*args):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("disk full")
+        return np.zeros((32, 32, 3), np.uint8)
+
+    monkeypatch.setattr(toy, "render", failing_render)
+    with pytest.raises(RuntimeError, match="disk full"):
+        make_toy(tmp_path / "broken", TINY, show_progress=False)
+    assert not (tmp_path / "broken").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temporary folder left behind
