@@ -29,6 +29,13 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
 FLIP_DRAW = 40  # draw number of the flip coin; crops use draws 0..39 (10 tries x 4)
 
+# numba 0.68 corrupts a dispatcher's overload table when compiled closures of FFCV pipelines that
+# call it are collected: one dispatcher shared by several decoders then fails to compile
+# (KeyError, and FFCV's loader thread dies, leaving the loop waiting forever), and even private
+# ones print a KeyError when collected. So each decoder compiles its own, as FFCV does, and they
+# are kept alive for the life of the process (a few kB each).
+_KEEP_ALIVE: list = []
+
 
 @numba.njit(inline="always")
 def mix64(x):
@@ -76,6 +83,13 @@ def crop_box(key, height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+@numba.njit
+def centre_box(height, width, ratio):
+    """The centred square of side ``ratio`` x the short side (FFCV's centre crop)."""
+    side = np.int64(ratio * min(np.int64(height), np.int64(width)))
+    return (np.int64(height) - side) // 2, (np.int64(width) - side) // 2, side, side
+
+
 @numba.njit(inline="always")
 def flip_columns(img):
     """Mirror an HxWxC image in place."""
@@ -111,6 +125,7 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
                  ratio=(3 / 4, 4 / 3), flip: bool = True):
         super().__init__(output_size)
         self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
+        self.centre_ratio = None
         self.state = np.array([seed, 0], dtype=np.uint64)  # read by the compiled decoder
 
     def set_epoch(self, epoch: int) -> None:
@@ -124,12 +139,11 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         address = self.state.ctypes.data
         scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
         log_lo, log_hi = float(np.log(self.ratio[0])), float(np.log(self.ratio[1]))
-        flip = self.flip
+        flip, centre, centre_ratio = self.flip, self.centre_ratio is not None, float(self.centre_ratio or 1.0)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -149,11 +163,25 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
                 key = sample_key(seed, epoch, source_ix)
-                top, left, h, w = crop_box(key, height, width, scale_lo, scale_hi, log_lo, log_hi)
+                if centre:
+                    top, left, h, w = centre_box(height, width, centre_ratio)
+                else:
+                    top, left, h, w = crop_box(key, height, width, scale_lo, scale_hi, log_lo, log_hi)
                 resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
                 if flip and uniform(key, FLIP_DRAW) < 0.5:
                     flip_columns(destination[dst_ix])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
+        _KEEP_ALIVE.append((imdecode_c, resize_crop_c, decode))
         return decode
+
+
+class CentreCropDecoder(SeededRandomResizedCropFlip):
+    """Validation decoder: resize R and centre crop C, i.e. the centred square of C/R of the short
+    side, resized to (C, C). FFCV's ``CenterCropRGBImageDecoder`` computes the same box; this one
+    shares the compiled-code handling above."""
+
+    def __init__(self, output_size: tuple[int, int], ratio: float):
+        super().__init__(output_size, flip=False)
+        self.centre_ratio = ratio

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
-from fasttricks.data.crops import SeededRandomResizedCropFlip
+from fasttricks.data.crops import CentreCropDecoder, SeededRandomResizedCropFlip
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -97,7 +96,7 @@ def create_val_loader(beton: str | os.PathLike, *, batch_size: int, resize: int,
     ``ratio``), in file order; every image once (no drop_last)."""
     if crop > resize:
         raise ValueError(f"the validation crop ({crop}) cannot exceed the resize ({resize})")
-    decoder = CenterCropRGBImageDecoder((crop, crop), ratio=crop / resize)
+    decoder = CentreCropDecoder((crop, crop), ratio=crop / resize)
     return Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
                   order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
                   pipelines={"image": [decoder, *_to_device(device)],

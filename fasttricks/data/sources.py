@@ -31,7 +31,7 @@ def resolve_data(data: str | os.PathLike, *, show_progress: bool = True) -> Path
 def ensure_toy_data(opts: ToyOptions, *, root: Path | None = None, show_progress: bool = True) -> Path:
     """``root/<key>/`` with images/ and {train,val,val_clutter}.beton; built once, under a lock so
     that several processes (torchrun ranks, parallel tests) build it once between them."""
-    folder = (root or cache_dir()) / opts.key()
+    folder = Path(root or cache_dir()) / opts.key()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

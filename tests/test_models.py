@@ -1,0 +1,64 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fasttricks.models import IMAGENET_MEAN, IMAGENET_STD, WeightsError, create_model, load_weights
+from fasttricks.recipes import ModelConfig
+
+
+def test_model_takes_unit_range_images_and_normalises_them_itself():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_resnet"), num_classes=7).eval()
+    x = torch.rand(2, 3, 32, 32)
+    cfg = model.net.pretrained_cfg  # timm's own mean/std for the architecture
+    mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.net((x - mean) / std))
+    assert model(x).shape == (2, 7)
+    assert set(model.state_dict()) == {f"net.{k}" for k in model.net.state_dict()}  # mean/std not saved
+
+
+def test_unknown_architecture_names_the_option():
+    with pytest.raises(ValueError, match="model.arch"):
+        create_model(ModelConfig(arch="no_such_net"), 10)
+
+
+def test_weights_round_trip_and_the_classifier_is_dropped_when_classes_differ(tmp_path):
+    src = create_model(ModelConfig(arch="test_resnet"), 10)
+    save_file(src.net.state_dict(), str(tmp_path / "w.safetensors"))
+    same = create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "w.safetensors")), 10)
+    for k, v in src.net.state_dict().items():
+        assert torch.equal(v, same.net.state_dict()[k])
+    other = create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "w.safetensors")), 3)
+    assert other.net.get_classifier().out_features == 3
+    assert torch.equal(other.net.conv1[0].weight, src.net.conv1[0].weight)
+
+
+def test_torch_checkpoints_load_with_wrappers_and_module_prefixes(tmp_path):
+    src = create_model(ModelConfig(arch="test_resnet"), 10)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.net.state_dict().items()}, "epoch": 3},
+               tmp_path / "ckpt.pth")
+    dst = create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "ckpt.pth")), 10)
+    assert torch.equal(dst.net.fc.weight, src.net.fc.weight)
+
+
+class Payload:  # anything that is not tensors and containers
+    pass
+
+
+def test_pickled_objects_are_refused_not_unpickled(tmp_path):
+    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="weights_only"):
+        create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "evil.pth")), 10)
+
+
+def test_mismatched_weights_list_the_first_mismatches(tmp_path):
+    other = create_model(ModelConfig(arch="test_efficientnet"), 10)
+    save_file(other.net.state_dict(), str(tmp_path / "w.safetensors"))
+    net = create_model(ModelConfig(arch="test_resnet"), 10).net
+    with pytest.raises(WeightsError) as e:
+        load_weights(net, tmp_path / "w.safetensors")
+    assert "missing" in str(e.value) and "unexpected" in str(e.value) and "conv1.0.weight" in str(e.value)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(net, tmp_path / "nope.safetensors")

@@ -1,0 +1,80 @@
+import pytest
+
+from fasttricks.recipes import PIPELINES, RecipeError, load_recipe, merge, parse_set
+
+TOY = PIPELINES / "overrides" / "toy.yaml"
+
+
+RECIPES = sorted(p for p in PIPELINES.rglob("*.yaml") if p.parent.name != "overrides")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_is_valid_alone_and_with_the_toy_override(path):
+    recipe = load_recipe(path)
+    assert recipe.stages
+    toy = load_recipe(path, [TOY])
+    assert toy.model.arch == "test_efficientnet" and all(s.batch_size == 64 for s in toy.stages)
+
+
+def test_set_addresses_nested_keys_list_items_and_every_item():
+    r = load_recipe("baseline", sets=["stages.0.epochs=3", "stages.*.optimizer.name=adam",
+                                      "model.arch=resnet50", "data.crop_scale=[0.35, 1]"])
+    assert r.stages[0].epochs == 3 and r.stages[0].optimizer.name == "adam"
+    assert r.model.arch == "resnet50" and r.data.crop_scale == (0.35, 1.0)
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(RecipeError) as e:
+        load_recipe("baseline", sets=["stages.0.optimiser.lr=0.1"])
+    msg = str(e.value)
+    assert "stages.0.optimiser" in msg and "allowed keys here:" in msg and "optimizer" in msg
+
+
+def test_bad_choice_names_the_allowed_values_and_what_was_given():
+    with pytest.raises(RecipeError) as e:
+        load_recipe("baseline", sets=["stages.0.optimizer.name=lion"])
+    msg = str(e.value)
+    assert "stages.0.optimizer.name" in msg and "'sgd', 'adam' or 'adamw'" in msg and "'lion'" in msg
+
+
+@pytest.mark.parametrize("assignment,fragment", [
+    ("stages.0.epochs=0", "greater than or equal to 1"),
+    ("stages.0.resolution.min=300", "min (300) cannot exceed max"),
+    ("data.val_crop=400", "val_crop (400) cannot exceed val_resize"),
+    ("stages.5.epochs=1", "index 5 is out of range"),
+    ("stages", "dotted.key=value"),
+])
+def test_invalid_values_are_reported_with_their_reason(assignment, fragment):
+    with pytest.raises(RecipeError) as e:
+        load_recipe("baseline", sets=[assignment])
+    assert fragment in str(e.value)
+
+
+def test_base_recipes_are_merged_and_cycles_are_caught(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: baseline\nname: child\nstages: {0: {epochs: 2}}\n")
+    child = load_recipe(tmp_path / "child.yaml")
+    base = load_recipe("baseline")
+    assert child.name == "child" and child.stages[0].epochs == 2
+    assert child.stages[0].optimizer == base.stages[0].optimizer
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nname: a\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_missing_recipe_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(RecipeError, match="baseline"):  # lists the known recipes
+        load_recipe("no-such-recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe("baseline", overrides=[tmp_path / "none.yaml"])
+
+
+def test_merge_semantics():
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+    assert merge([{"x": 1}, {"x": 2}], {"*": {"y": 0}}) == [{"x": 1, "y": 0}, {"x": 2, "y": 0}]
+    assert merge([1, 2], [3]) == [3]
+    assert parse_set("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
