@@ -17,9 +17,13 @@ from fasttricks.data.beton import BetonOptions, BuildError, build_beton
 RAW = BetonOptions(write_mode="raw", workers=2)
 
 
+_LOADERS = []  # kept alive: collecting FFCV's compiled decoders makes numba print a KeyError (crops.py)
+
+
 def _read_all(path, decoder):
     loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
+    _LOADERS.append(loader)
     images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
     return torch.cat(images).numpy(), torch.cat(labels).flatten().numpy()
 

@@ -131,3 +131,16 @@ def test_resume_with_a_different_recipe_is_refused(full_run, toy_data):
 
     with pytest.raises(RunFolderError, match="different recipe"):
         train(_recipe(4, "stages.0.optimizer.lr=0.01"), toy_data, out, resume=True, show_progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_run_in_bf16_learns_and_evaluates_like_its_saved_model(toy_data_learning, tmp_path):
+    recipe = _recipe(30, "stages.0.resolution.min=32", "stages.0.resolution.max=40",
+                     "stages.0.resolution.start_ramp=3", "stages.0.resolution.end_ramp=12")
+    summary = train(recipe, toy_data_learning, tmp_path / "r", device=torch.device("cuda"), show_progress=False)
+    assert summary["val_top1"] > 45, summary
+    from fasttricks.evaluate import eval_command
+
+    report = eval_command(tmp_path / "r" / "final.safetensors", toy_data_learning, crop=None, resize=None,
+                          batch_size=200, device=torch.device("cuda"))
+    assert report["val"]["top1"] == pytest.approx(summary["val_top1"])
