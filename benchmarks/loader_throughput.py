@@ -128,7 +128,7 @@ def main() -> None:
                    "ffcv_stock": ffcv_stock(beton, args, device),
                    "torchvision": torchvision_loader(folder, args, device)}
         rates: dict[str, list[float]] = {name: [] for name in loaders}
-        for name, make_epoch in loaders.items():
+        for make_epoch in loaders.values():
             time_epoch(make_epoch, device)  # warm-up: compilation, page cache, worker start
         for _ in range(args.repeats):
             for name, make_epoch in loaders.items():
@@ -144,7 +144,7 @@ def main() -> None:
         "images_per_s_all": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "ratio_ffcv_seeded_to_torchvision": round(median["ffcv_seeded (ours)"] / median["torchvision"], 2),
         "ratio_ffcv_seeded_to_ffcv_stock": round(median["ffcv_seeded (ours)"] / median["ffcv_stock"], 3),
-        "machine": {**environment(), "processor": platform.processor() or _cpu_model(), "device": str(device)},
+        "machine": {**environment(), "processor": _cpu_model(), "device": str(device)},
     }
     machine = (torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda"
                else f"cpu{os.cpu_count()}")

@@ -18,8 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from fasttricks.models import WeightsError
     from fasttricks.data.beton import BuildError
+    from fasttricks.models import WeightsError
     from fasttricks.recipes import RecipeError
     from fasttricks.runs import RunFolderError
     from fasttricks.train import TrainingDiverged
@@ -69,7 +69,8 @@ def build_beton_cmd(
     out: Annotated[Path, typer.Argument(help="the .beton to write (and OUT.json, its manifest)")],
     max_res: Annotated[int | None, typer.Option(help="longest side kept, larger images are downscaled")] = None,
     jpeg_quality: int = 90,
-    compress_probability: Annotated[float, typer.Option(help="share stored as JPEG with --write-mode proportion")] = 0.5,
+    compress_probability: Annotated[
+        float, typer.Option(help="share stored as JPEG with --write-mode proportion")] = 0.5,
     write_mode: Annotated[str, typer.Option(help="raw | jpg | proportion | smart (FFCV)")] = "proportion",
     workers: Annotated[int, typer.Option(help="0: one per core")] = 0,
     limit: Annotated[int | None, typer.Option(help="write a seeded random subset of this many images")] = None,
@@ -152,7 +153,8 @@ def _print_summary(summary: dict) -> None:
     console.rule("[bold]done")
     for split in ("val", "val_clutter"):
         if f"{split}_top1" in summary:
-            console.print(f"  {split:<12} top-1 {summary[f'{split}_top1']:6.2f}%  top-5 {summary[f'{split}_top5']:6.2f}%")
+            top1, top5 = summary[f"{split}_top1"], summary[f"{split}_top5"]
+            console.print(f"  {split:<12} top-1 {top1:6.2f}%  top-5 {top5:6.2f}%")
     console.print(f"  run folder   {summary['run']}")
     console.print(f"  weights      {summary['final_weights']}")
 

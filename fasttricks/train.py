@@ -269,7 +269,8 @@ def _final_metrics(run: Run) -> dict:
 def _finish(run: Run, seconds: float) -> dict:
     last = _final_metrics(run)
     summary = {"run": str(run.out.resolve()), "recipe": run.recipe.name, "model": run.recipe.model.arch,
-               "epochs": sum(s.epochs for s in run.recipe.stages), "final_weights": str((run.out / "final.safetensors").resolve()),
+               "epochs": sum(s.epochs for s in run.recipe.stages),
+               "final_weights": str((run.out / "final.safetensors").resolve()),
                "val_resize": run.recipe.data.val_resize, "val_crop": run.recipe.data.val_crop,
                "seconds_this_call": round(seconds, 1)}
     summary.update({k: v for k, v in last.items() if k.startswith(("val", "train_loss", "images_per_s"))})

@@ -24,7 +24,7 @@ def _read_all(path, decoder):
     loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [decoder, ToTensor()], "label": [IntDecoder(), ToTensor()]})
     _LOADERS.append(loader)
-    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader])
+    images, labels = zip(*[(x.clone(), y.clone()) for x, y in loader], strict=False)
     return torch.cat(images).numpy(), torch.cat(labels).flatten().numpy()
 
 
@@ -65,7 +65,7 @@ def _dirty_folder(root):
     Image.fromarray(rgb).convert("CMYK").save(good / "cmyk.jpg")
     Image.fromarray(rgb).convert("P").save(good / "palette.gif")
     Image.fromarray(np.dstack([rgb, np.full((30, 40), 128, np.uint8)])).save(good / "alpha.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 200)).save(good / "sixteen.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 200).save(good / "sixteen.png")
     Image.fromarray(rgb[:1, :1]).save(good / "one_pixel.png")
     Image.fromarray(rgb).save(good / "odd.JPEG", quality=90)
     (bad / "empty.jpg").write_bytes(b"")

@@ -11,20 +11,22 @@ from fasttricks.data.loader import SeededOrder, TrainLoader, create_val_loader, 
 
 
 def _epoch(beton, *, seed=0, epoch=0, res=32, workers=2, skip=0, batch_size=32):
-    loader = TrainLoader(beton, batch_size=batch_size, resolution=res, seed=seed, device=torch.device("cpu"),
-                         workers=workers)
+    loader = TrainLoader(beton, batch_size=batch_size, resolution=res, seed=seed,
+                         device=torch.device("cpu"), workers=workers)
     return [(x.clone(), y.clone()) for x, y in loader.epoch(epoch, res, skip_batches=skip)]
 
 
 def _same(a, b):
-    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    if len(a) != len(b):
+        return False
+    return all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
 
 
 def test_batches_are_float_channels_last_in_unit_range(toy_data):
     images, labels = _epoch(toy_data / "train.beton")[0]
     assert images.shape == (32, 3, 32, 32) and images.dtype == torch.float32
     assert images.is_contiguous(memory_format=torch.channels_last)
-    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.05
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.05
     assert labels.dtype == torch.long and set(labels.tolist()) <= set(range(10))
 
 
@@ -81,7 +83,7 @@ def test_crop_boxes_stay_inside_and_match_torchvisions_distribution(h, w):
     for i in range(4000):
         key = np.uint64(sample_key(7, 2, i))  # from Python, keep it unsigned
         top, left, ch, cw = crop_box(key, h, w, 0.08, 1.0, log_lo, log_hi)
-        assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
+        assert top >= 0 and top + ch <= h and left >= 0 and left + cw <= w and ch > 0 and cw > 0
         areas.append(ch * cw / (h * w))
         flips.append(uniform(key, 40) < 0.5)
     assert min(areas) >= 0.07

@@ -235,7 +235,7 @@ def _check_all(src: Path, samples: list, workers: int, show_progress: bool) -> t
     # Threads suffice: PIL releases the GIL while decoding.
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress_bar(f"checking {src.name}", len(samples), enabled=show_progress) as advance:
-        for (rel, label), reason in zip(samples, pool.map(lambda s: check_image(src / s[0]), samples)):
+        for (rel, label), reason in zip(samples, pool.map(lambda s: check_image(src / s[0]), samples), strict=True):
             if reason is None:
                 good.append((rel, label))
             else:
