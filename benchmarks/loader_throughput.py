@@ -18,36 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fasttricks.data.beton import BetonOptions, build_beton
 from fasttricks.data.loader import TrainLoader
-from fasttricks.data.toy import CLASSES, ToyOptions, render
-from fasttricks.runs import environment
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def make_jpeg_folder(root: Path, n: int, size: int) -> Path:
-    """Toy renders upscaled to ``size`` with sensor-like noise, so that the JPEGs carry about the
-    entropy of photographs (decode cost follows it) at a fraction of the rendering time."""
-    opts, rng = ToyOptions(size=64), np.random.default_rng(0)
-    for i in range(n):
-        label = i % len(CLASSES)
-        folder = root / CLASSES[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        big = np.asarray(Image.fromarray(render(label, "train", i, opts)).resize((size, size), Image.BICUBIC))
-        noisy = np.clip(big + rng.normal(0, 8, big.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(folder / f"{i:06d}.jpg", quality=90)
-    return root
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine, machine_tag, make_jpeg_folder  # noqa: E402
 
 
 def ffcv_seeded(beton, args, device):
@@ -144,26 +128,14 @@ def main() -> None:
         "images_per_s_all": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "ratio_ffcv_seeded_to_torchvision": round(median["ffcv_seeded (ours)"] / median["torchvision"], 2),
         "ratio_ffcv_seeded_to_ffcv_stock": round(median["ffcv_seeded (ours)"] / median["ffcv_stock"], 3),
-        "machine": {**environment(), "processor": _cpu_model(), "device": str(device)},
+        "machine": machine(device),
     }
-    machine = (torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda"
-               else f"cpu{os.cpu_count()}")
-    out = args.out or RESULTS / f"loader_throughput-{machine}.json"
+    out = args.out or RESULTS / f"loader_throughput-{machine_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("images_per_s_median", "ratio_ffcv_seeded_to_torchvision",
                                               "ratio_ffcv_seeded_to_ffcv_stock")}, indent=2))
     print(f"wrote {out}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

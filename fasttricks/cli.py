@@ -127,21 +127,27 @@ def eval_cmd(
     res: Annotated[int | None, typer.Option(help="test crop; resize keeps the model's crop/resize ratio")] = None,
     resize: Annotated[int | None, typer.Option(help="test resize (short side), overrides the ratio")] = None,
     batch_size: int = 256, device: str | None = None,
+    attack: Annotated[str | None, typer.Option(
+        help="also robust accuracy under PGD: norm:eps:steps, e.g. linf:8/255:20 or l2:3:20")] = None,
 ):
-    """Top-1 and top-5 accuracy on val (and val_clutter when present)."""
+    """Top-1 and top-5 accuracy on val (and val_clutter when present); robust top-1 with --attack."""
     import torch
 
+    from fasttricks.adversarial import parse_attack
     from fasttricks.data.sources import resolve_data
+    from fasttricks.devices import default_device
     from fasttricks.evaluate import eval_command
-    from fasttricks.train import default_device
 
+    threat = parse_attack(attack) if attack else None
     result = eval_command(weights, resolve_data(data), crop=res, resize=resize, batch_size=batch_size,
-                          device=torch.device(device) if device else default_device())
+                          device=torch.device(device) if device else default_device(), attack=threat)
     console.print(f"{weights} at resize {result['resize']} / crop {result['crop']}")
     for split in ("val", "val_clutter"):
         if split in result:
             m = result[split]
-            console.print(f"  {split:<12} top-1 {m['top1']:6.2f}%  top-5 {m['top5']:6.2f}%  ({m['images']} images)")
+            robust = f"  robust top-1 {m['robust_top1']:6.2f}% ({attack})" if "robust_top1" in m else ""
+            console.print(f"  {split:<12} top-1 {m['top1']:6.2f}%  top-5 {m['top5']:6.2f}%{robust}  "
+                          f"({m['images']} images)")
     print(json.dumps(result))
 
 

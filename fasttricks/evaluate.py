@@ -10,26 +10,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fasttricks.adversarial import pgd
 from fasttricks.checkpoint import read_info
 from fasttricks.data.loader import beton_paths, create_val_loader, iterate_val
+from fasttricks.devices import autocast
 from fasttricks.models import Classifier, create_model
-from fasttricks.recipes import ModelConfig
+from fasttricks.recipes import AdversarialConfig, ModelConfig
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); full precision on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
-    """Top-1 and top-5 (in %) and the image count. Counts stay on the device until the end."""
+def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
+             attack: AdversarialConfig | None = None) -> dict[str, float]:
+    """Top-1 and top-5 (in %) and the image count; with ``attack``, on the PGD versions of the
+    images (attacked and evaluated in fp32, the evaluation standard). Counts stay on the device
+    until the end."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(2, device=device, dtype=torch.long)
     seen = 0
     for images, labels in batches:
-        with autocast(device):
+        if attack is not None:
+            images = pgd(model, images, labels, attack, use_autocast=False)
+        with torch.no_grad(), autocast(device) if attack is None else nullcontext():
             logits = model(images)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
@@ -42,8 +43,10 @@ def accuracy(model: nn.Module, batches: Iterable, device: torch.device) -> dict[
 
 
 def evaluate_splits(model: nn.Module, data_dir: str | os.PathLike, *, resize: int, crop: int,
-                    batch_size: int, device: torch.device, workers: int = 0) -> dict[str, dict]:
-    """Accuracy on ``val`` and, when present, ``val_clutter``."""
+                    batch_size: int, device: torch.device, workers: int = 0,
+                    attack: AdversarialConfig | None = None) -> dict[str, dict]:
+    """Accuracy on ``val`` and, when present, ``val_clutter``; with ``attack`` also robust
+    accuracy (``robust_top1``)."""
     results = {}
     for split, path in beton_paths(data_dir).items():
         if split == "train":
@@ -51,6 +54,9 @@ def evaluate_splits(model: nn.Module, data_dir: str | os.PathLike, *, resize: in
         loader = create_val_loader(path, batch_size=batch_size, resize=resize, crop=crop,
                                    device=device, workers=workers)
         results[split] = accuracy(model, iterate_val(loader), device)
+        if attack is not None:
+            robust = accuracy(model, iterate_val(loader), device, attack)
+            results[split].update(robust_top1=robust["top1"], robust_top5=robust["top5"])
     return results
 
 
@@ -62,11 +68,14 @@ def load_classifier(weights: str | os.PathLike, device: torch.device) -> tuple[C
 
 
 def eval_command(weights: Path, data_dir: Path, *, crop: int | None, resize: int | None, batch_size: int,
-                 device: torch.device, workers: int = 0) -> dict:
+                 device: torch.device, workers: int = 0, attack: AdversarialConfig | None = None) -> dict:
     """``fasttricks eval``: with only ``crop`` given, resize keeps the model's crop/resize ratio."""
     model, info = load_classifier(weights, device)
     crop = crop or info["val_crop"]
     resize = resize or round(crop * info["val_resize"] / info["val_crop"])
     results = evaluate_splits(model, data_dir, resize=resize, crop=crop, batch_size=batch_size,
-                              device=device, workers=workers)
-    return {"weights": str(weights), "resize": resize, "crop": crop, **results}
+                              device=device, workers=workers, attack=attack)
+    report = {"weights": str(weights), "resize": resize, "crop": crop, **results}
+    if attack is not None:
+        report["attack"] = attack.model_dump()
+    return report

@@ -54,7 +54,8 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: safetensors, or a torch checkpoint read with
     ``weights_only=True`` (never an arbitrary unpickle). Wrappers ``state_dict``/``model`` and
-    ``module.`` prefixes (DataParallel/DDP) are removed."""
+    ``module.`` prefixes (DataParallel/DDP) are removed; MadryLab robustness checkpoints are
+    recognised by their ``module.model.`` keys."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
@@ -72,7 +73,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a mapping of names to tensors")
+    if any(k.startswith("module.model.") for k in state):
+        return _from_robustness(state)
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _from_robustness(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A MadryLab ``robustness`` checkpoint holds the network twice (``module.model.*`` and
+    ``module.attacker.model.*``) and its normaliser; keep the network once, under its own names.
+    Our model normalises with the timm architecture's mean/std, which for the ImageNet models
+    robustness trains are the same ImageNet statistics as its normaliser's."""
+    return {k.removeprefix("module.model."): v for k, v in state.items() if k.startswith("module.model.")}
 
 
 def load_weights(net: nn.Module, path: str | os.PathLike) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
@@ -36,6 +36,8 @@ class ModelConfig(Strict):
                                 "torch checkpoint, loaded with weights_only=True)")
     drop_rate: float | None = Field(None, ge=0, lt=1, description="classifier dropout; None: timm's default")
     drop_path_rate: float | None = Field(None, ge=0, lt=1, description="stochastic depth; None: timm's default")
+    compile: bool = Field(False, description="torch.compile the model (the attack passes ε as tensors, so "
+                          "changing it does not recompile)")
 
 
 class DataConfig(Strict):
@@ -93,6 +95,32 @@ class ResolutionConfig(Strict):
         return self
 
 
+def _fraction(value: Any) -> Any:
+    """Accept ε written as the field writes it: ``8/255``."""
+    if isinstance(value, str) and "/" in value:
+        num, _, den = value.partition("/")
+        try:
+            return float(num) / float(den)
+        except ValueError:
+            return value
+    return value
+
+
+Fraction = Annotated[float, BeforeValidator(_fraction)]
+
+
+class AdversarialConfig(Strict):
+    """PGD adversarial training (Madry et al.): each batch is replaced by its adversarial version."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Fraction = Field(8 / 255, gt=0, description="radius in [0, 1] pixel units; '8/255' accepted")
+    step_size: Fraction = Field(2 / 255, ge=0, description="α per step; '2/255' accepted")
+    steps: int = Field(3, ge=0, description="0: random start only")
+    random_start: bool = True
+    eval_mode: bool = Field(True, description="attack with dropout/drop-path off and batch-norm statistics "
+                            "untouched (as robustness does)")
+
+
 class StageConfig(Strict):
     name: str = "train"
     epochs: int = Field(16, ge=1)
@@ -102,6 +130,12 @@ class StageConfig(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     resolution: ResolutionConfig = ResolutionConfig()
+    weights: str | None = Field(None, description="start this stage from a weights file (ours, timm, or a "
+                                "MadryLab robustness checkpoint); None: from the previous stage / model.weights")
+    freeze: Literal["first_half"] | list[str] | None = Field(
+        None, description="first_half: stem + first half of the blocks, batch norms included; or module-name "
+        "prefixes; frozen parameters get no gradient and frozen batch norms stay in eval mode")
+    adversarial: AdversarialConfig | None = Field(None, description="PGD adversarial training; None: off")
 
 
 class Recipe(Strict):

@@ -18,12 +18,14 @@ import timm.optim
 import torch
 from torch import nn
 
-from fasttricks import runs
+from fasttricks import freezing, runs
+from fasttricks.adversarial import attack_generator, pgd
 from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
 from fasttricks.data.beton import read_manifest
 from fasttricks.data.loader import TrainLoader, beton_paths, create_val_loader, dist_info, iterate_val
-from fasttricks.evaluate import accuracy, autocast
-from fasttricks.models import Classifier, create_model
+from fasttricks.devices import autocast, default_device
+from fasttricks.evaluate import accuracy
+from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import OptimizerConfig, Recipe, StageConfig
 from fasttricks.schedules import lr_factor, resolution_at
@@ -39,14 +41,14 @@ class Interrupted(Exception):
     """Ctrl-C: the run was saved where it stood and can be resumed."""
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                  optimizer: torch.optim.Optimizer, criterion: nn.Module, stage: StageConfig) -> torch.Tensor:
-    """One step on a batch already on the device, in [0, 1]: forward and backward in autocast,
-    optimizer step. Returns the loss as a device tensor (no sync)."""
+                  optimizer: torch.optim.Optimizer, criterion: nn.Module, stage: StageConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step on a batch already on the device, in [0, 1]: the PGD attack (when the stage has
+    one), forward and backward in autocast, optimizer step. Returns the loss as a device tensor
+    (no sync)."""
+    if stage.adversarial is not None:
+        images = pgd(model, images, targets, stage.adversarial, generator=generator)
     with autocast(images.device):
         loss = criterion(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
@@ -59,6 +61,8 @@ def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """timm's factory: no weight decay on biases and norm parameters, frozen parameters left out."""
+    if cfg.weight_decay == 0:  # timm then takes model.parameters(), frozen ones included
+        model = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "sgd":
         return timm.optim.create_optimizer_v2(model, "nesterov" if cfg.nesterov else "momentum", lr=cfg.lr,
                                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
@@ -76,6 +80,7 @@ class Run:
     out: Path
     device: torch.device
     model: Classifier
+    train_model: nn.Module  # the model, or its torch.compile wrapper
     info: dict  # what final.safetensors records about the model
     val_loaders: dict
     train_beton: Path
@@ -116,8 +121,9 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
                    for split, p in paths.items() if split != "train"}
     starts = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     with _InterruptFlag() as interrupt:
-        run = Run(recipe, out, device, model, info, val_loaders, paths["train"], rank == 0, show_progress,
-                  interrupt, starts)
+        train_model = torch.compile(model) if recipe.model.compile else model
+        run = Run(recipe, out, device, model, train_model, info, val_loaders, paths["train"], rank == 0,
+                  show_progress, interrupt, starts)
         position, state = _restore(run) if resume else (Position(0, 0), None)
         started = time.time()
         done_now = 0
@@ -141,6 +147,9 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
                          resolution=resolution_at(stage.resolution, begin.epoch), seed=run.recipe.seed,
                          device=run.device, workers=data.workers, order=data.order, os_cache=data.os_cache,
                          distributed=world > 1, scale=data.crop_scale, ratio=data.crop_ratio)
+    if stage.weights and begin == Position(s, 0) and state is None:
+        load_weights(run.model.net, stage.weights)
+    _apply_freeze(run, stage)
     optimizer = create_optimizer(run.model, stage.optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
     if state is not None:
@@ -157,6 +166,16 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
         if stop_after is not None and done_now >= stop_after:
             break
     return done_now
+
+
+def _apply_freeze(run: Run, stage: StageConfig) -> None:
+    """Freezing belongs to a stage: undo the previous stage's, apply this one's, record it."""
+    freezing.unfreeze(run.model.net)
+    frozen = freezing.resolve(run.model.net, stage.freeze)
+    freezing.freeze(run.model.net, frozen)
+    run.info["frozen"] = frozen
+    if frozen and run.is_main and run.show_progress:
+        console.print(f"{stage.name}: frozen {len(frozen)} modules ({frozen[0]} … {frozen[-1]})")
 
 
 def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLoader,
@@ -183,7 +202,9 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                                                 start=start_step):
             for group in optimizer.param_groups:
                 group["lr"] = stage.optimizer.lr * lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
-            loss = training_step(run.model, images, labels, optimizer, criterion, stage)
+            generator = (attack_generator(device, run.recipe.seed, run.epochs_before[s] + epoch, step)
+                         if stage.adversarial else None)
+            loss = training_step(run.train_model, images, labels, optimizer, criterion, stage, generator)
             loss_sum += loss
             seen += labels.shape[0]
             done = step + 1

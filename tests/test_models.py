@@ -62,3 +62,17 @@ def test_mismatched_weights_list_the_first_mismatches(tmp_path):
     assert "missing" in str(e.value) and "unexpected" in str(e.value) and "conv1.0.weight" in str(e.value)
     with pytest.raises(WeightsError, match="does not exist"):
         load_weights(net, tmp_path / "nope.safetensors")
+
+
+def test_madrylab_robustness_checkpoints_load_without_attacker_and_normaliser(tmp_path):
+    src = create_model(ModelConfig(arch="test_resnet"), 10)
+    net_state = src.net.state_dict()
+    ckpt = {"model": {**{f"module.model.{k}": v for k, v in net_state.items()},
+                      **{f"module.attacker.model.{k}": v + 1 for k, v in net_state.items()},
+                      "module.normalizer.new_mean": torch.zeros(3, 1, 1),
+                      "module.attacker.normalize.new_std": torch.ones(3, 1, 1)},
+            "epoch": 89, "schedule": {"last_epoch": 89}}
+    torch.save(ckpt, tmp_path / "robust.pt")
+    dst = create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "robust.pt")), 10)
+    for k, v in net_state.items():
+        assert torch.equal(dst.net.state_dict()[k], v), k  # the model copy, not the attacker's

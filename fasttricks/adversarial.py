@@ -1,0 +1,106 @@
+"""PGD adversarial examples (Madry et al. 2017) in [0, 1] pixel space, for training and evaluation.
+
+The step and projection math is MadryLab ``robustness``'s (``robustness.attack_steps``); we
+subclass its steps only where they cannot serve us: its L2 step takes norms with ``.view``
+(which fails on channels_last tensors) and projects with ``renorm`` (which needs a Python float
+ε, a recompile trigger under ``torch.compile``), and both random starts draw from the global RNG
+(ours take a generator, so the start is a function of the run's seed and step).
+
+The loop: gradients for the input only (``torch.autograd.grad``: nothing is accumulated in the
+weights' ``.grad``), the model in eval mode by default (dropout and drop-path off, batch-norm
+statistics untouched), bf16 autocast on CUDA, ε and step size as device tensors, no host sync.
+The last iterate is returned (robustness' ``use_best`` bookkeeping costs a forward per step).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from robustness.attack_steps import L2Step, LinfStep
+from torch import nn
+
+from fasttricks.devices import autocast
+from fasttricks.recipes import AdversarialConfig
+
+
+def _noise_like(x: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Noise drawn in logical (NCHW) order, then laid out like ``x``: the same draws whatever
+    the memory format, so channels_last changes no result."""
+    noise = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    noise = noise.uniform_(-1, 1, generator=generator) if kind == "uniform" else noise.normal_(generator=generator)
+    return torch.empty_like(x).copy_(noise)
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each sample, shaped to broadcast (works on any memory format)."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).reshape(-1, *[1] * (t.dim() - 1))
+
+
+class LinfPGDStep(LinfStep):
+    """robustness' L∞ step and projection; random start uniform in the ε-box from ``generator``."""
+
+    def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.clamp(x + _noise_like(x, "uniform", generator) * self.eps, 0, 1)
+
+
+class L2PGDStep(L2Step):
+    """robustness' L2 step (move α along g/‖g‖) and projection (onto the ε-ball, then [0, 1]),
+    with per-sample norms by ``reshape`` and tensor ε; random start on the ε-sphere."""
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        diff = x - self.orig_input
+        scale = torch.clamp(self.eps / (_per_sample_norm(diff) + 1e-12), max=1.0)
+        return torch.clamp(self.orig_input + diff * scale, 0, 1)
+
+    def step(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x + g / (_per_sample_norm(g) + 1e-10) * self.step_size
+
+    def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        direction = _noise_like(x, "normal", generator)
+        return torch.clamp(x + self.eps * direction / (_per_sample_norm(direction) + 1e-10), 0, 1)
+
+
+STEPS = {"linf": LinfPGDStep, "l2": L2PGDStep}
+
+
+def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: AdversarialConfig, *,
+        generator: torch.Generator | None = None, use_autocast: bool = True) -> torch.Tensor:
+    """Adversarial versions of ``images`` (in [0, 1]) that raise ``model``'s cross-entropy on
+    ``targets`` (class indices or soft targets), within ``cfg``'s ε-ball around ``images``."""
+    was_training = model.training
+    if cfg.eval_mode:
+        model.eval()
+    eps = torch.tensor(cfg.eps, device=images.device, dtype=images.dtype)
+    step_size = torch.tensor(cfg.step_size, device=images.device, dtype=images.dtype)
+    attack = STEPS[cfg.norm](images.detach(), eps, step_size)
+    x = attack.random_perturb(images.detach(), generator) if cfg.random_start else images.detach().clone()
+    for _ in range(cfg.steps):
+        x.requires_grad_(True)
+        with autocast(images.device) if use_autocast else nullcontext():
+            loss = F.cross_entropy(model(x).float(), targets, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, [x])
+        with torch.no_grad():
+            x = attack.project(attack.step(x, grad))
+    model.train(was_training)
+    return x.detach()
+
+
+def attack_generator(device: torch.device, seed: int, epoch: int, step: int) -> torch.Generator:
+    """The random-start stream of one training step: a function of (seed, epoch, step)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, step]).generate_state(1, np.uint64)[0]) >> 1)
+    return g
+
+
+def parse_attack(spec: str) -> AdversarialConfig:
+    """``norm:eps:steps`` (e.g. ``linf:8/255:20``, ``l2:3.0:20``) with step size 2.5·ε/steps
+    (Madry et al.'s rule), random start, as the evaluation standard uses."""
+    try:
+        norm, eps, steps = spec.split(":")
+        cfg = AdversarialConfig(norm=norm, eps=eps, steps=int(steps), step_size=0.0)
+    except ValueError as e:
+        raise ValueError(f"--attack expects norm:eps:steps such as linf:8/255:20, not {spec!r} ({e})") from None
+    return cfg.model_copy(update={"step_size": 2.5 * cfg.eps / cfg.steps})

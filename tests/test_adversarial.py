@@ -1,0 +1,117 @@
+"""PGD: stays in its ε-ball and in [0, 1], raises the loss, equals a loop written on robustness'
+own attack steps, and leaves the weights' gradients alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from robustness.attack_steps import L2Step, LinfStep
+
+from fasttricks.adversarial import attack_generator, parse_attack, pgd
+from fasttricks.models import create_model
+from fasttricks.recipes import AdversarialConfig, ModelConfig
+
+LINF = AdversarialConfig(norm="linf", eps=8 / 255, step_size=2 / 255, steps=5)
+L2 = AdversarialConfig(norm="l2", eps=0.5, step_size=0.2, steps=5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model(ModelConfig(arch="test_efficientnet"), 10).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def _norms(delta, norm):
+    flat = delta.reshape(delta.shape[0], -1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+@pytest.mark.parametrize("cfg", [LINF, L2], ids=["linf", "l2"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stays_in_the_ball_and_the_unit_cube_and_raises_the_loss(model, batch, cfg, channels_last):
+    x, y = batch
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    adv = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(0))
+    assert (_norms(adv - x, cfg.norm) <= cfg.eps * (1 + 1e-5) + 1e-6).all()
+    assert adv.min() >= 0 and adv.max() <= 1
+    noise = pgd(model, x, y, cfg.model_copy(update={"steps": 0}), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean, random, attacked = (F.cross_entropy(model(v), y).item() for v in (x, noise, adv))
+    # random weights give near-uniform outputs (loss ~ ln 10): the gain is small but must be real
+    assert attacked > clean + 0.02 and attacked > random + 0.02
+    assert adv.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("cfg,step_cls", [(LINF, LinfStep), (L2, L2Step)], ids=["linf", "l2"])
+def test_matches_a_loop_written_directly_on_robustness_attack_steps(model, batch, cfg, step_cls):
+    x, y = batch
+    cfg = cfg.model_copy(update={"random_start": False})
+    ours = pgd(model, x, y, cfg)
+    step = step_cls(x, cfg.eps, cfg.step_size)  # robustness with float ε, NCHW-contiguous input
+    ref = x.clone()
+    for _ in range(cfg.steps):
+        ref = ref.clone().detach().requires_grad_(True)
+        loss = F.cross_entropy(model(ref), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, [ref])
+        with torch.no_grad():
+            ref = step.project(step.step(ref, g))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_channels_last_gives_the_same_examples(model, batch):
+    x, y = batch
+    a = pgd(model, x, y, L2, generator=torch.Generator().manual_seed(3))
+    b = pgd(model, x.contiguous(memory_format=torch.channels_last), y, L2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_weight_gradients_and_training_mode_are_left_alone(batch):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10).train()
+    x, y = batch
+    marker = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = marker[n].clone()
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    pgd(model, x, y, LINF, generator=torch.Generator().manual_seed(0))
+    assert model.training
+    assert all(torch.equal(p.grad, marker[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(b, stats[n]) for n, b in model.named_buffers())  # eval mode: BN stats untouched
+
+
+def test_random_start_is_a_function_of_seed_epoch_and_step(model, batch):
+    x, y = batch
+    cfg = LINF.model_copy(update={"steps": 1})
+    cpu = torch.device("cpu")
+    a = pgd(model, x, y, cfg, generator=attack_generator(cpu, 0, 1, 2))
+    b = pgd(model, x, y, cfg, generator=attack_generator(cpu, 0, 1, 2))
+    c = pgd(model, x, y, cfg, generator=attack_generator(cpu, 0, 1, 3))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_attack_specs_parse_with_madrys_step_rule():
+    cfg = parse_attack("linf:8/255:20")
+    assert cfg.norm == "linf" and cfg.eps == pytest.approx(8 / 255) and cfg.steps == 20
+    assert cfg.step_size == pytest.approx(2.5 * (8 / 255) / 20)
+    with pytest.raises(ValueError, match="norm:eps:steps"):
+        parse_attack("linf-8")
+    with pytest.raises(ValueError, match="norm:eps:steps"):
+        parse_attack("l3:1:2")
+
+
+@pytest.mark.gpu
+def test_bf16_attack_on_cuda_stays_in_the_ball_and_raises_the_loss(batch):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10).cuda().eval()
+    x, y = (t.cuda() for t in batch)
+    x = x.contiguous(memory_format=torch.channels_last)
+    adv = pgd(model, x, y, LINF, generator=attack_generator(x.device, 0, 0, 0))
+    assert (_norms(adv - x, "linf") <= LINF.eps + 1e-6).all()
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y)

@@ -1,0 +1,69 @@
+"""Layer freezing: the paper's 'first half' on timm models, and frozen means frozen — weights and
+batch-norm statistics bit-identical after training steps, the rest moving."""
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from fasttricks import freezing
+from fasttricks.models import create_model
+from fasttricks.recipes import ModelConfig, OptimizerConfig, StageConfig
+from fasttricks.train import create_optimizer, training_step
+
+
+def test_first_half_of_efficientnet_b1_is_what_the_2022_winner_froze():
+    net = timm.create_model("efficientnet_b1", num_classes=10)
+    expected = ["conv_stem", "bn1"] + [f"blocks.{s}.{b}" for s, n in enumerate([2, 3, 3, 3]) for b in range(n)]
+    assert freezing.first_half(net) == expected
+    assert expected[-1] == "blocks.3.2" and len(expected) - 2 == 11  # 11 of 23 blocks
+
+
+def test_first_half_of_a_resnet_and_a_deep_stem():
+    assert freezing.first_half(timm.create_model("resnet50"))[-1] == "layer3.0"  # 8 of 16 bottlenecks
+    stem, blocks = freezing.block_names(timm.create_model("test_resnet"))
+    assert stem[0] == "conv1" and blocks[0] == "layer1.0"  # conv1 is a Sequential of plain layers
+
+
+def test_unknown_prefixes_are_a_clear_error():
+    net = timm.create_model("test_efficientnet")
+    with pytest.raises(ValueError, match="no module named blockz.0"):
+        freezing.resolve(net, ["blockz.0"])
+    with pytest.raises(ValueError, match="first_half"):
+        freezing.first_half(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+def test_frozen_weights_and_batch_norm_statistics_do_not_move(weight_decay):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10)
+    frozen = freezing.resolve(model.net, "first_half")
+    freezing.freeze(model.net, frozen)
+    model.train()
+    bn = model.net.bn1
+    assert not bn.training  # frozen batch norms stay in eval mode through model.train()
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    stage = StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.5, weight_decay=weight_decay))
+    optimizer = create_optimizer(model, stage.optimizer)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
+    for i in range(3):
+        x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+        training_step(model, x, torch.arange(8) % 10, optimizer, nn.CrossEntropyLoss(), stage)
+    after = model.net.state_dict()
+    is_frozen = {k: any(k == p or k.startswith(p + ".") for p in frozen) for k in after}
+    assert any(is_frozen.values()) and not all(is_frozen.values())
+    for k in after:
+        if is_frozen[k]:
+            assert torch.equal(after[k], before[k]), f"frozen {k} moved"
+    moved = [k for k in after
+             if not is_frozen[k] and after[k].is_floating_point() and not torch.equal(after[k], before[k])]
+    assert "classifier.weight" in moved and any("running_mean" in k for k in moved)
+
+
+def test_unfreeze_restores_training():
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10)
+    freezing.freeze(model.net, ["bn1"])
+    freezing.unfreeze(model.net)
+    model.train()
+    assert model.net.bn1.training and all(p.requires_grad for p in model.parameters())
