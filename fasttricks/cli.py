@@ -119,6 +119,29 @@ def train(
     _print_summary(summary)
 
 
+@app.command("show-augs")
+@friendly
+def show_augs(
+    recipe: RecipeOpt = "pipelines/table1/5-heavy-aug-fcutmix.yaml", data: DataOpt = "toy",
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("augmentations.png"),
+    stage: Annotated[int, typer.Option(help="which stage's augmentation (0-based)")] = 0,
+    n: Annotated[int, typer.Option(help="images in the grid")] = 8,
+    set_: SetOpt = None, override: OverrideOpt = None, device: str | None = None,
+):
+    """A grid of one batch before and after a stage's augmentation and mixing, with labels."""
+    import torch
+
+    from fasttricks.augment.preview import augment_grid
+    from fasttricks.data.sources import resolve_data
+    from fasttricks.devices import default_device
+    from fasttricks.recipes import load_recipe
+
+    r = load_recipe(recipe, override or [], set_ or [])
+    path = augment_grid(r, resolve_data(data), out, stage=stage, n=n,
+                        device=torch.device(device) if device else default_device())
+    console.print(f"wrote {path}")
+
+
 @app.command("eval")
 @friendly
 def eval_cmd(

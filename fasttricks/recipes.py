@@ -121,6 +121,74 @@ class AdversarialConfig(Strict):
                             "untouched (as robustness does)")
 
 
+Range = tuple[float, float]
+
+
+class Op(Strict):
+    p: float = Field(0.5, ge=0, le=1, description="per-image probability (albumentations' default 0.5)")
+
+
+class ShiftConfig(Op):
+    limit: float = Field(0.0625, ge=0, lt=1, description="max shift, fraction of the side (ShiftScaleRotate)")
+
+
+class RotateConfig(Op):
+    limit: float = Field(45, ge=0, le=180, description="max angle in degrees (ShiftScaleRotate)")
+
+
+class ElasticConfig(Op):
+    alpha: float = Field(1.0, ge=0, description="Kornia's alpha: displacement in normalised coordinates "
+                         "(ours: ~3 px at 224 with sigma 6)")
+    sigma: float = Field(6.0, gt=0, description="smoothing of the displacement field, in pixels")
+    kernel_size: int = Field(33, ge=3, description="odd")
+
+
+class BrightnessContrastConfig(Op):
+    brightness: float = Field(0.2, ge=0, description="x + beta, beta in ±limit (RandomBrightnessContrast)")
+    contrast: float = Field(0.2, ge=0, description="x * alpha, alpha in 1 ± limit")
+
+
+class MotionBlurConfig(Op):
+    kernel: tuple[int, int] = Field((3, 7), description="odd kernel sizes (MotionBlur blur_limit=7)")
+
+
+class CutoutConfig(Op):
+    scale: Range = Field((0.02, 0.33), description="erased area fraction (random erasing)")
+    ratio: Range = Field((0.3, 3.3), description="erased box aspect ratio")
+
+
+class GaussNoiseConfig(Op):
+    var: Range = Field((10.0, 50.0), description="noise variance on the 0-255 scale (GaussNoise var_limit)")
+
+
+class ISONoiseConfig(Op):
+    color_shift: Range = Field((0.01, 0.05), description="hue noise scale (ISONoise)")
+    intensity: Range = Field((0.1, 0.5), description="noise strength (ISONoise)")
+
+
+class AugmentConfig(Strict):
+    """The paper's heavy augmentation, after albumentations 1.x and its defaults; p: 0 turns an op off."""
+
+    shift: ShiftConfig = ShiftConfig()
+    rotate: RotateConfig = RotateConfig()
+    elastic: ElasticConfig = ElasticConfig()
+    brightness_contrast: BrightnessContrastConfig = BrightnessContrastConfig()
+    motion_blur: MotionBlurConfig = MotionBlurConfig()
+    cutout: CutoutConfig = CutoutConfig()
+    gauss_noise: GaussNoiseConfig = GaussNoiseConfig()
+    iso_noise: ISONoiseConfig = ISONoiseConfig()
+
+
+class MixingConfig(Strict):
+    kind: Literal["cutmix", "foreground_cutmix"]
+    p: float = Field(0.5, ge=0, le=1, description="probability of mixing")
+    per_sample: bool = Field(True, description="one coin per image; False: one per batch")
+    alpha: float = Field(1.0, gt=0, description="cutmix: box area ~ 1 - Beta(alpha, alpha) (Yun et al.)")
+    fg_area: Range = Field((0.1, 0.5), description="foreground_cutmix: area of the pasted part, fraction of the image")
+    fg_ratio: Range = Field((3 / 4, 4 / 3), description="foreground_cutmix: its aspect ratio range")
+    fg_resize: Range = Field((1.0, 1.0), description="foreground_cutmix: its scale factor before pasting")
+
+
 class StageConfig(Strict):
     name: str = "train"
     epochs: int = Field(16, ge=1)
@@ -136,6 +204,8 @@ class StageConfig(Strict):
         None, description="first_half: stem + first half of the blocks, batch norms included; or module-name "
         "prefixes; frozen parameters get no gradient and frozen batch norms stay in eval mode")
     adversarial: AdversarialConfig | None = Field(None, description="PGD adversarial training; None: off")
+    augment: AugmentConfig | None = Field(None, description="heavy augmentation on the device; None: off")
+    mixing: MixingConfig | None = Field(None, description="CutMix or Foreground-CutMix; None: off")
 
 
 class Recipe(Strict):

@@ -20,6 +20,8 @@ from torch import nn
 
 from fasttricks import freezing, runs
 from fasttricks.adversarial import attack_generator, pgd
+from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
+from fasttricks.augment.mixing import mix
 from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
 from fasttricks.data.beton import read_manifest
 from fasttricks.data.loader import TrainLoader, beton_paths, create_val_loader, dist_info, iterate_val
@@ -57,6 +59,17 @@ def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
         nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
     optimizer.step()
     return loss.detach()
+
+
+def augment_and_mix(images: torch.Tensor, labels: torch.Tensor, stage: StageConfig,
+                    augment: HeavyAugmentation | None, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heavy augmentation, then CutMix / Foreground-CutMix, on the device; targets become class
+    probabilities when mixing. Call inside ``seeded`` for reproducible draws."""
+    if augment is not None:
+        images = augment(images)
+    if stage.mixing is not None:
+        images, labels, _ = mix(images, labels, num_classes, stage.mixing)
+    return images, labels
 
 
 def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
@@ -150,6 +163,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     if stage.weights and begin == Position(s, 0) and state is None:
         load_weights(run.model.net, stage.weights)
     _apply_freeze(run, stage)
+    augment = HeavyAugmentation(stage.augment).to(run.device) if stage.augment else None
     optimizer = create_optimizer(run.model, stage.optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
     if state is not None:
@@ -157,7 +171,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
         _set_rng_state(state)
     for epoch in range(begin.epoch, stage.epochs):
         resume_step = begin.step if epoch == begin.epoch else 0
-        row = _run_epoch(run, s, stage, epoch, loader, optimizer, criterion, resume_step,
+        row = _run_epoch(run, s, stage, epoch, loader, optimizer, criterion, augment, resume_step,
                          state if resume_step else None)
         if run.is_main:
             runs.append_metrics(run.out, row)
@@ -179,8 +193,8 @@ def _apply_freeze(run: Run, stage: StageConfig) -> None:
 
 
 def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLoader,
-               optimizer: torch.optim.Optimizer, criterion: nn.Module, start_step: int,
-               state: dict | None) -> dict:
+               optimizer: torch.optim.Optimizer, criterion: nn.Module, augment: HeavyAugmentation | None,
+               start_step: int, state: dict | None) -> dict:
     res = resolution_at(stage.resolution, epoch)
     steps = len(loader)
     device = run.device
@@ -202,9 +216,14 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                                                 start=start_step):
             for group in optimizer.param_groups:
                 group["lr"] = stage.optimizer.lr * lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
-            generator = (attack_generator(device, run.recipe.seed, run.epochs_before[s] + epoch, step)
-                         if stage.adversarial else None)
-            loss = training_step(run.train_model, images, labels, optimizer, criterion, stage, generator)
+            epoch_key = run.epochs_before[s] + epoch
+            if augment is not None or stage.mixing is not None:
+                with seeded(step_seed(run.recipe.seed, epoch_key, step), device):
+                    images, targets = augment_and_mix(images, labels, stage, augment, run.info["num_classes"])
+            else:
+                targets = labels
+            generator = attack_generator(device, run.recipe.seed, epoch_key, step) if stage.adversarial else None
+            loss = training_step(run.train_model, images, targets, optimizer, criterion, stage, generator)
             loss_sum += loss
             seen += labels.shape[0]
             done = step + 1

@@ -1,0 +1,149 @@
+"""What does heavy augmentation + Foreground-CutMix cost? Batched on the device (ours: Kornia and
+torch ops on the whole batch) against the usual way (albumentations per sample in DataLoader
+worker processes on the CPU, as the paper did), on the same images, in one run.
+
+Method: uint8 images at --res in memory. Ours: the float batch already on the device, augment +
+mix, --repeats timed batches after a warm-up, device synchronised, median. Albumentations: a
+DataLoader with --workers processes applying the equivalent Compose per image (its 2.x API,
+albumentations 1.x's defaults where they differ) and collating the batch; median of --repeats
+epochs of --batches batches. On CUDA also the cost of one PGD-3 EfficientNet-B1 training step at
+240 on the same batch size, to state the augmentation's share of a step (goal: < 5%).
+
+    python benchmarks/augment_throughput.py                  # CPU defaults (small)
+    python benchmarks/augment_throughput.py --res 224 --batch-size 256 --workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttricks.augment.heavy import HeavyAugmentation, seeded
+from fasttricks.augment.mixing import mix
+from fasttricks.recipes import AdversarialConfig, AugmentConfig, MixingConfig, ModelConfig, OptimizerConfig, StageConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine, machine_tag, timed  # noqa: E402
+
+FCUTMIX = MixingConfig(kind="foreground_cutmix", p=0.5)
+
+
+def albumentations_pipeline():
+    import albumentations as A
+
+    return A.Compose([
+        A.Affine(translate_percent=(-0.0625, 0.0625), p=0.5),
+        A.Affine(rotate=(-45, 45), p=0.5),
+        A.ElasticTransform(alpha=34, sigma=4, p=0.5),
+        A.RandomBrightnessContrast(p=0.5),
+        A.MotionBlur(blur_limit=(3, 7), p=0.5),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(0.1, 0.5), hole_width_range=(0.1, 0.5), p=0.5),
+        A.GaussNoise(std_range=(10 ** 0.5 / 255, 50 ** 0.5 / 255), p=0.5),
+        A.ISONoise(p=0.5),
+    ])
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray):
+        self.images, self.transform = images, None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        if self.transform is None:  # built in the worker
+            self.transform = albumentations_pipeline()
+        return torch.from_numpy(self.transform(image=self.images[i])["image"]).permute(2, 0, 1), i % 10
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--res", type=int, default=224 if cuda else 128)
+    p.add_argument("--batch-size", type=int, default=256 if cuda else 64)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--batches", type=int, default=8 if cuda else 4, help="batches per albumentations epoch")
+    p.add_argument("--repeats", type=int, default=5 if cuda else 3)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    device = torch.device("cuda" if cuda else "cpu")
+    rng = np.random.default_rng(0)
+    n = args.batch_size * args.batches
+    small = rng.integers(0, 256, (n, args.res // 8, args.res // 8, 3), dtype=np.uint8)
+    images = np.ascontiguousarray(np.repeat(np.repeat(small, 8, axis=1), 8, axis=2))
+
+    # ours
+    batch = (torch.from_numpy(images[: args.batch_size]).to(device).permute(0, 3, 1, 2).float().div(255)
+             .contiguous(memory_format=torch.channels_last))
+    labels = torch.arange(args.batch_size, device=device) % 10
+    augment = HeavyAugmentation(AugmentConfig()).to(device)
+
+    def ours(step=itertools.count()):
+        with seeded(next(step), device):
+            mix(augment(batch), labels, 10, FCUTMIX)
+        return args.batch_size
+
+    ours()
+    batched = statistics.median(timed(ours, device) for _ in range(args.repeats))
+
+    # albumentations, per sample in worker processes
+    loader = torch.utils.data.DataLoader(_Images(images), batch_size=args.batch_size, num_workers=args.workers,
+                                         persistent_workers=True, prefetch_factor=2)
+
+    def albu():
+        count = 0
+        for x, _ in loader:
+            count += x.shape[0]
+        return count
+
+    albu()
+    per_sample = statistics.median(timed(albu, torch.device("cpu")) for _ in range(args.repeats))
+    result = {"question": "images/s of heavy augmentation + Foreground-CutMix: batched on the device vs "
+                          "albumentations per sample in CPU workers",
+              "settings": {k: v for k, v in vars(args).items() if k != "out"},
+              "images_per_s_batched_on_device": round(batched, 1),
+              "images_per_s_albumentations_cpu_workers": round(per_sample, 1),
+              "ratio": round(batched / per_sample, 2), "machine": machine(device)}
+    if cuda:
+        result.update(_share_of_pgd3_step(args, device, ours))
+    out = args.out or RESULTS / f"augment_throughput-{machine_tag(device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    print(f"wrote {out}")
+
+
+def _share_of_pgd3_step(args, device, ours) -> dict:
+    from fasttricks.models import create_model
+    from fasttricks.train import create_optimizer, training_step
+
+    torch.backends.cudnn.benchmark = True
+    model = create_model(ModelConfig(arch="efficientnet_b1"), 1000).to(device).to(memory_format=torch.channels_last)
+    stage = StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.01),
+                        adversarial=AdversarialConfig(norm="linf", eps=8 / 255, step_size=6.67 / 255, steps=3))
+    optimizer = create_optimizer(model, stage.optimizer)
+    x = torch.rand(args.batch_size, 3, 240, 240, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    def step():
+        training_step(model, x, y, optimizer, torch.nn.CrossEntropyLoss(), stage)
+        return args.batch_size
+
+    for _ in range(3):
+        step()
+    step_rate = statistics.median(timed(step, device) for _ in range(args.repeats))
+    aug_rate = statistics.median(timed(ours, device) for _ in range(args.repeats))
+    return {"images_per_s_pgd3_effnet_b1_240_step": round(step_rate, 1),
+            "augmentation_share_of_step": round(step_rate / aug_rate, 4)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""GPU augmentation inside the batch: heavy augmentation (`heavy`) and CutMix /
+Foreground-CutMix (`mixing`)."""

@@ -1,0 +1,129 @@
+"""The paper's "heavy augmentation" on a whole batch on the device: shift, rotation, elastic
+deformation, brightness and contrast, motion blur, cutout, Gaussian noise and ISO noise, each
+with its own per-image probability and per-image parameters (albumentations 1.x semantics and
+defaults, as the paper used). Images are float in [0, 1] in and out.
+
+Kornia does the geometry (affine, rotation, elastic, motion blur) and cutout. Brightness/contrast
+and the two noises are written here as a few batched tensor ops, because Kornia's versions differ
+from albumentations' (its RandomBrightness adds a different quantity, its RandomGaussianNoise has
+one fixed std and does not clamp) and ISO noise is not in Kornia. Per-image gating of our ops is
+a ``torch.where`` on a per-image coin: no Python loop over samples, no host sync.
+
+Randomness: all draws come from torch's RNG; the caller seeds it per step (``seeded``), so a batch's
+augmentation is a function of (seed, epoch, step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import kornia.augmentation as K
+import kornia.color
+import numpy as np
+import torch
+from torch import nn
+
+from fasttricks.recipes import AugmentConfig
+
+
+def _coin(x: torch.Tensor, p: float) -> torch.Tensor:
+    return (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p)
+
+
+def _uniform(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return torch.empty(x.shape[0], 1, 1, 1, device=x.device).uniform_(lo, hi)
+
+
+def brightness_contrast(x: torch.Tensor, p: float, brightness: float, contrast: float) -> torch.Tensor:
+    """albumentations' RandomBrightnessContrast on [0, 1] images: x·α + β, α ∈ 1±contrast,
+    β ∈ ±brightness (brightness relative to the maximum value, 1)."""
+    out = (x * _uniform(x, 1 - contrast, 1 + contrast) + _uniform(x, -brightness, brightness)).clamp_(0, 1)
+    return torch.where(_coin(x, p), out, x)
+
+
+def gauss_noise(x: torch.Tensor, p: float, var: tuple[float, float]) -> torch.Tensor:
+    """albumentations' GaussNoise: per image a variance from ``var`` on the 0-255 scale, per
+    pixel and channel N(0, σ); clamped to [0, 1]."""
+    sigma = _uniform(x, *var).sqrt_() / 255
+    out = (x + torch.randn_like(x) * sigma).clamp_(0, 1)
+    return torch.where(_coin(x, p), out, x)
+
+
+def iso_noise(x: torch.Tensor, p: float, color_shift: tuple[float, float],
+              intensity: tuple[float, float]) -> torch.Tensor:
+    """Camera sensor noise with the math of albumentations' ISONoise (≤ 1.4.18): in HLS, hue
+    jittered by N(0, color_shift·360·intensity) degrees per pixel, luminance raised by
+    Poisson(σ_L·intensity·255)/255·(1 − L) per pixel, σ_L the image's luminance std."""
+    hls = kornia.color.rgb_to_hls(x)  # H in radians [0, 2π), L and S in [0, 1]
+    hue, lum, sat = hls[:, 0:1], hls[:, 1:2], hls[:, 2:3]
+    shift, strength = _uniform(x, *color_shift), _uniform(x, *intensity)
+    lum_std = lum.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    noise_l = torch.poisson((lum_std * strength * 255).expand_as(lum).contiguous())
+    noise_h = torch.randn_like(hue) * (shift * 360 * strength) * (math.pi / 180)
+    hue = torch.remainder(hue + noise_h, 2 * math.pi)
+    lum = lum + noise_l / 255 * (1 - lum)
+    out = kornia.color.hls_to_rgb(torch.cat([hue, lum.clamp(0, 1), sat], dim=1)).clamp_(0, 1)
+    return torch.where(_coin(x, p), out, x)
+
+
+class HeavyAugmentation(nn.Module):
+    """The whole heavy augmentation as one module; move it ``.to(device)`` with the batch (Kornia
+    samples its parameters where the module lives)."""
+
+    def __init__(self, cfg: AugmentConfig):
+        super().__init__()
+        self.cfg = cfg
+        shift, rot, el, mb, co = cfg.shift, cfg.rotate, cfg.elastic, cfg.motion_blur, cfg.cutout
+        self.kornia = nn.ModuleDict({
+            # borders reflected, as albumentations' default BORDER_REFLECT_101 (black corners
+            # would be a cue no test image has)
+            "shift": K.RandomAffine(degrees=0, translate=(shift.limit, shift.limit), padding_mode="reflection",
+                                    p=shift.p),
+            "rotate": K.RandomAffine(degrees=rot.limit, padding_mode="reflection", p=rot.p),
+            "elastic": K.RandomElasticTransform(kernel_size=(el.kernel_size, el.kernel_size),
+                                                sigma=(el.sigma, el.sigma), alpha=(el.alpha, el.alpha),
+                                                padding_mode="reflection", p=el.p),
+            "motion_blur": K.RandomMotionBlur(kernel_size=mb.kernel, angle=(-180.0, 180.0), direction=(-1.0, 1.0),
+                                              border_type="reflect", p=mb.p),
+            "cutout": K.RandomErasing(scale=co.scale, ratio=co.ratio, value=0.0, p=co.p),
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        for name in ("shift", "rotate", "elastic"):
+            x = self._kornia(name, x)
+        if c.brightness_contrast.p > 0:
+            x = brightness_contrast(x, c.brightness_contrast.p, c.brightness_contrast.brightness,
+                                    c.brightness_contrast.contrast)
+        x = self._kornia("motion_blur", x)
+        x = self._kornia("cutout", x)
+        if c.gauss_noise.p > 0:
+            x = gauss_noise(x, c.gauss_noise.p, c.gauss_noise.var)
+        if c.iso_noise.p > 0:
+            x = iso_noise(x, c.iso_noise.p, c.iso_noise.color_shift, c.iso_noise.intensity)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def _kornia(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # An op is computed on the whole batch and blended by the per-image coin (as Kornia
+        # >= 0.9 does): no host sync to select images, but p = 0 must skip the work.
+        op = self.kornia[name]
+        if op.p == 0:
+            return x
+        return op(x).clamp_(0, 1)
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, step, 1]).generate_state(1, np.uint64)[0]) >> 1
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's RNG (CPU and ``device``) seeded with ``seed`` inside, restored after: the
+    augmentation of a step is reproducible without disturbing dropout's stream."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

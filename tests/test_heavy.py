@@ -1,0 +1,111 @@
+"""Heavy augmentation: each op does something at p=1 and nothing at p=0, stays in [0, 1], and a
+seed fixes the whole batch's augmentation."""
+
+import pytest
+import torch
+
+from fasttricks.augment.heavy import HeavyAugmentation, brightness_contrast, gauss_noise, iso_noise, seeded
+from fasttricks.recipes import AugmentConfig
+
+OPS = ["shift", "rotate", "elastic", "brightness_contrast", "motion_blur", "cutout", "gauss_noise", "iso_noise"]
+CPU = torch.device("cpu")
+
+
+def _only(op: str, p: float) -> AugmentConfig:
+    """Every op off but ``op`` at probability ``p``."""
+    return AugmentConfig(**{name: {"p": p if name == op else 0.0} for name in OPS})
+
+
+def _images(n=6, size=48):
+    g = torch.Generator().manual_seed(0)
+    # smooth images with structure (a blurred random field), like photographs
+    x = torch.nn.functional.interpolate(torch.rand(n, 3, size // 8, size // 8, generator=g), size=size,
+                                        mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_each_op_changes_every_image_at_p1_and_none_at_p0(op):
+    x = _images()
+    with seeded(0, CPU):
+        on = HeavyAugmentation(_only(op, 1.0))(x)
+    with seeded(0, CPU):
+        off = HeavyAugmentation(_only(op, 0.0))(x)
+    assert torch.equal(off, x)
+    changed = (on - x).abs().flatten(1).amax(1)
+    assert (changed > 1e-3).all(), f"{op} left some images unchanged: {changed}"
+    assert on.min() >= 0 and on.max() <= 1
+    assert on.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_same_seed_gives_the_same_batch_and_another_seed_does_not():
+    aug = HeavyAugmentation(AugmentConfig())
+    x = _images()
+    runs = []
+    for seed in (1, 1, 2):
+        with seeded(seed, CPU):
+            runs.append(aug(x))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_seeding_does_not_disturb_the_global_stream():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with seeded(1, CPU):
+        HeavyAugmentation(AugmentConfig())(_images())
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_brightness_contrast_is_albumentations_affine_map():
+    x = torch.full((4, 3, 8, 8), 0.5)
+    torch.manual_seed(0)
+    out = brightness_contrast(x, 1.0, 0.2, 0.2)
+    per_image = out.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image))  # one alpha/beta per image
+    assert ((per_image[:, 0] >= 0.5 * 0.8 - 0.2) & (per_image[:, 0] <= 0.5 * 1.2 + 0.2)).all()
+
+
+def test_gauss_noise_std_follows_the_variance_range():
+    x = torch.full((64, 3, 32, 32), 0.5)
+    torch.manual_seed(0)
+    std = (gauss_noise(x, 1.0, (10.0, 50.0)) - x).flatten(1).std(1) * 255
+    assert std.min() > 10 ** 0.5 * 0.9 and std.max() < 50 ** 0.5 * 1.1
+
+
+def test_iso_noise_only_brightens_and_keeps_gray_images_nearly_gray():
+    x = _images(n=8)
+    torch.manual_seed(0)
+    out = iso_noise(x, 1.0, (0.01, 0.05), (0.1, 0.5))
+    lum = lambda t: t.amax(1) + t.amin(1)  # noqa: E731  (2 x HLS lightness)
+    assert (lum(out) >= lum(x) - 1e-4).all()
+    gray = x.mean(1, keepdim=True).expand_as(x).contiguous()
+    out_gray = iso_noise(gray, 1.0, (0.01, 0.05), (0.1, 0.5))
+    assert (out_gray.amax(1) - out_gray.amin(1)).max() < 1e-4  # no saturation: hue noise cannot colour
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["shift", "rotate", "elastic", "motion_blur", "cutout"])
+def test_cuda_kornia_ops_match_the_cpu_given_the_same_parameters(op):
+    x = _images()
+    module = HeavyAugmentation(_only(op, 1.0)).kornia[op]
+    torch.manual_seed(0)
+    params = module.forward_parameters(x.shape)
+    cpu = module(x, params=params)
+    cuda_params = {k: v.cuda() if torch.is_tensor(v) else v for k, v in params.items()}
+    gpu = module.cuda()(x.cuda(), params=cuda_params)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_batched_ops_stay_in_range_and_match_in_distribution():
+    x = _images(n=64)
+    for op in ("brightness_contrast", "gauss_noise", "iso_noise"):
+        cfg = _only(op, 1.0)
+        with seeded(0, CPU):
+            cpu = HeavyAugmentation(cfg)(x)
+        with seeded(0, torch.device("cuda")):
+            gpu = HeavyAugmentation(cfg).cuda()(x.cuda()).cpu()
+        assert gpu.min() >= 0 and gpu.max() <= 1
+        # different RNG streams per device: compare the mean absolute change, over 64 images
+        assert abs((gpu - x).abs().mean() - (cpu - x).abs().mean()) < 0.02, op
