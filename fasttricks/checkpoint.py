@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fasttricks.atomic import atomic_path
 from fasttricks.models import WeightsError
 
 _NAME = re.compile(r"^s(\d+)-e(\d+)(?:-step(\d+))?$")
@@ -37,16 +38,9 @@ class Position:
 
 def save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
     """The network's tensors with ``info`` (JSON) in the safetensors metadata, atomically."""
-    path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"fasttricks": json.dumps(info)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"fasttricks": json.dumps(info)})
 
 
 def read_info(path: str | os.PathLike) -> dict:

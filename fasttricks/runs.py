@@ -11,7 +11,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import yaml
 
 from fasttricks import recipes
+from fasttricks.atomic import write_json, write_text
 
 PACKAGES = ("fasttricks", "torch", "torchvision", "ffcv", "numba", "numpy", "timm", "kornia", "robustness",
             "brainscore-vision")
@@ -26,13 +26,6 @@ PACKAGES = ("fasttricks", "torch", "torchvision", "ffcv", "numba", "numpy", "tim
 
 class RunFolderError(FileExistsError):
     pass
-
-
-def write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool) -> recipes.Recipe:
@@ -53,7 +46,7 @@ def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool)
                                  f"--overwrite to replace it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    config.write_text(recipes.dump(recipe))
+    write_text(config, recipes.dump(recipe))
     write_json(out / "environment.json", environment())
     return recipe
 
@@ -93,8 +86,4 @@ def read_metrics(out: Path) -> list[dict]:
 def truncate_metrics(out: Path, keep: int) -> None:
     """Keep the first ``keep`` rows: a resumed run rewrites what came after its checkpoint."""
     rows = read_metrics(out)[:keep]
-    path = out / "metrics.jsonl"
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

@@ -190,3 +190,16 @@ def test_two_stage_recipe_freezes_the_first_half_and_records_it(toy_data, tmp_pa
     assert "first_half" in (tmp_path / "r" / "config.yaml").read_text()
     assert [r["stage"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())] \
         == ["train", "finetune"] and summary["epochs"] == 2
+
+
+def test_augmentation_and_mixing_are_part_of_the_reproducible_run(toy_data, tmp_path):
+    """Heavy augmentation + Foreground-CutMix draw from a stream seeded per (seed, epoch, step):
+    a resumed run equals the uninterrupted one, and the tricks do change training."""
+    tricks = ("stages.0.augment={}", "stages.0.mixing={kind: foreground_cutmix, p: 0.5}")
+    full = train(_recipe(2, *tricks), toy_data, tmp_path / "full", show_progress=False)
+    train(_recipe(2, *tricks), toy_data, tmp_path / "part", stop_after=1, show_progress=False)
+    train(_recipe(2, *tricks), toy_data, tmp_path / "part", resume=True, show_progress=False)
+    assert _rows(tmp_path / "part") == _rows(tmp_path / "full")
+    assert _same_weights(tmp_path / "part" / "final.safetensors", tmp_path / "full" / "final.safetensors")
+    plain = train(_recipe(2), toy_data, tmp_path / "plain", show_progress=False)
+    assert plain["train_loss"] != full["train_loss"]

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import kornia.augmentation as K
 import kornia.color
+import kornia.geometry.transform as KG
 import numpy as np
 import torch
 from torch import nn
@@ -75,13 +76,8 @@ class HeavyAugmentation(nn.Module):
     def __init__(self, cfg: AugmentConfig):
         super().__init__()
         self.cfg = cfg
-        shift, rot, el, mb, co = cfg.shift, cfg.rotate, cfg.elastic, cfg.motion_blur, cfg.cutout
+        el, mb, co = cfg.elastic, cfg.motion_blur, cfg.cutout
         self.kornia = nn.ModuleDict({
-            # borders reflected, as albumentations' default BORDER_REFLECT_101 (black corners
-            # would be a cue no test image has)
-            "shift": K.RandomAffine(degrees=0, translate=(shift.limit, shift.limit), padding_mode="reflection",
-                                    p=shift.p),
-            "rotate": K.RandomAffine(degrees=rot.limit, padding_mode="reflection", p=rot.p),
             "elastic": K.RandomElasticTransform(kernel_size=(el.kernel_size, el.kernel_size),
                                                 sigma=(el.sigma, el.sigma), alpha=(el.alpha, el.alpha),
                                                 padding_mode="reflection", p=el.p),
@@ -93,8 +89,8 @@ class HeavyAugmentation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        for name in ("shift", "rotate", "elastic"):
-            x = self._kornia(name, x)
+        x = self._shift_rotate(x)
+        x = self._kornia("elastic", x)
         if c.brightness_contrast.p > 0:
             x = brightness_contrast(x, c.brightness_contrast.p, c.brightness_contrast.brightness,
                                     c.brightness_contrast.contrast)
@@ -105,6 +101,25 @@ class HeavyAugmentation(nn.Module):
         if c.iso_noise.p > 0:
             x = iso_noise(x, c.iso_noise.p, c.iso_noise.color_shift, c.iso_noise.intensity)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def _shift_rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift and rotation in one warp (as albumentations' ShiftScaleRotate), each with its own
+        coin; borders reflected, as its default BORDER_REFLECT_101 (black corners would be a cue
+        no test image has). Kornia's geometry functions with our parameters: its RandomAffine
+        samples them on the CPU whatever the device, and two of them cost two warps."""
+        shift_cfg, rotate_cfg = self.cfg.shift, self.cfg.rotate
+        if shift_cfg.p == 0 and rotate_cfg.p == 0:
+            return x
+        b, _, h, w = x.shape
+        shift, rotate = _coin(x, shift_cfg.p).flatten(), _coin(x, rotate_cfg.p).flatten()
+        angle = torch.empty(b, device=x.device).uniform_(-rotate_cfg.limit, rotate_cfg.limit) * rotate
+        offset = (torch.empty(b, 2, device=x.device).uniform_(-shift_cfg.limit, shift_cfg.limit)
+                  * torch.tensor([w, h], device=x.device) * shift[:, None])
+        centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=x.device).expand(b, 2)
+        matrix = KG.get_rotation_matrix2d(centre, angle, torch.ones(b, 2, device=x.device))
+        matrix = torch.cat([matrix[..., :2], matrix[..., 2:] + offset[..., None]], dim=-1)
+        out = KG.warp_affine(x, matrix, (h, w), mode="bilinear", padding_mode="reflection", align_corners=True)
+        return torch.where((shift | rotate).view(-1, 1, 1, 1), out.clamp_(0, 1), x)
 
     def _kornia(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # An op is computed on the whole batch and blended by the per-image coin (as Kornia

@@ -4,7 +4,6 @@ mixing, as a labelled image grid (people check augmentations by looking)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from fasttricks.atomic import atomic_path  # noqa: E402
 from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed  # noqa: E402
 from fasttricks.augment.mixing import one_hot  # noqa: E402
 from fasttricks.data.beton import read_manifest  # noqa: E402
@@ -60,10 +60,7 @@ def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.Path
     fig.suptitle(f"{recipe.name}, stage {cfg.name!r} at {res}px", fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out

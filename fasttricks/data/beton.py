@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from fasttricks.atomic import atomic_path, write_json
 from fasttricks.progress import console, progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
@@ -204,29 +205,21 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
                                      jpeg_quality=opts.jpeg_quality,
                                      compress_probability=opts.compress_probability),
               "label": IntField()}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    with tempfile.TemporaryDirectory(prefix="fasttricks-failures-") as failures:
-        try:
-            if show_progress:
-                console.print(f"writing {len(good)} images to {out} (FFCV, {workers} workers)")
-            writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-            writer.from_indexed_dataset(_FolderDataset(src, good, Path(failures)),
-                                        chunksize=max(1, min(100, len(good) // workers)))
-            failed = sorted(Path(failures).iterdir(), key=lambda p: int(p.name))
-            if failed:
-                first = "; ".join(p.read_text() for p in failed[:3])
-                raise BuildError(f"{len(failed)} file(s) in {src} failed while being written "
-                                 f"(did they change during the build?): {first}")
-            manifest = Manifest(source=str(src.resolve()), beton=str(out.resolve()), classes=classes,
-                                images=len(good), files=[rel for rel, _ in good], skipped=skipped,
-                                options=asdict(opts), seconds=round(time.time() - start, 2))
-            os.replace(tmp, out)
-            _write_json_atomic(manifest_path(out), asdict(manifest))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    with tempfile.TemporaryDirectory(prefix="fasttricks-failures-") as failures, atomic_path(out) as tmp:
+        if show_progress:
+            console.print(f"writing {len(good)} images to {out} (FFCV, {workers} workers)")
+        writer = DatasetWriter(str(tmp), fields, num_workers=workers)
+        writer.from_indexed_dataset(_FolderDataset(src, good, Path(failures)),
+                                    chunksize=max(1, min(100, len(good) // workers)))
+        failed = sorted(Path(failures).iterdir(), key=lambda p: int(p.name))
+        if failed:
+            first = "; ".join(p.read_text() for p in failed[:3])
+            raise BuildError(f"{len(failed)} file(s) in {src} failed while being written "
+                             f"(did they change during the build?): {first}")
+        manifest = Manifest(source=str(src.resolve()), beton=str(out.resolve()), classes=classes,
+                            images=len(good), files=[rel for rel, _ in good], skipped=skipped,
+                            options=asdict(opts), seconds=round(time.time() - start, 2))
+    write_json(manifest_path(out), asdict(manifest), indent=1)
     return manifest
 
 
@@ -242,10 +235,3 @@ def _check_all(src: Path, samples: list, workers: int, show_progress: bool) -> t
                 skipped.append({"file": rel, "reason": reason})
             advance(1)
     return good, skipped
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
