@@ -145,8 +145,7 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
                 continue
             begin = position if s == position.stage else Position(s, 0)
             done_now = _run_stage(run, s, stage, begin, state if s == position.stage else None,
-                                  stop_after=None if stop_after is None else stop_after - done_now,
-                                  done_now=done_now)
+                                  stop_after=stop_after, done_now=done_now)
             if stop_after is not None and done_now >= stop_after:
                 return _stopped(run, stop_after)
     return _finish(run, time.time() - started)
@@ -154,6 +153,8 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
 
 def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dict | None, *,
                stop_after: int | None, done_now: int) -> int:
+    """Run the stage's remaining epochs, or until ``done_now`` (epochs finished in this call)
+    reaches ``stop_after``; returns the new ``done_now``."""
     data = run.recipe.data
     rank, world = dist_info()
     loader = TrainLoader(run.train_beton, batch_size=stage.batch_size,

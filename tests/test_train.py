@@ -172,6 +172,15 @@ def test_cuda_run_in_bf16_learns_and_evaluates_like_its_saved_model(toy_data_lea
     assert report["val"]["top1"] == pytest.approx(summary["val_top1"])
 
 
+def test_stop_after_counts_epochs_across_stages(toy_data, tmp_path):
+    recipe = _recipe(1)
+    recipe = recipe.model_copy(update={"stages": [recipe.stages[0],
+                                                  recipe.stages[0].model_copy(update={"name": "b", "epochs": 3})]})
+    train(recipe, toy_data, tmp_path / "r", stop_after=3, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [("train", 1), ("b", 1), ("b", 2)]
+
+
 def test_two_stage_recipe_freezes_the_first_half_and_records_it(toy_data, tmp_path):
     recipe = _recipe(1, "stages.0.adversarial={norm: linf, eps: 4/255, step_size: 2/255, steps: 1}")
     recipe = recipe.model_copy(update={"stages": [
