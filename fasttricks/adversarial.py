@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from robustness.attack_steps import L2Step, LinfStep
@@ -24,6 +23,7 @@ from torch import nn
 
 from fasttricks.devices import autocast
 from fasttricks.recipes import AdversarialConfig
+from fasttricks.seeding import ATTACK, stream_seed
 
 
 def _noise_like(x: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -91,7 +91,7 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: Adve
 def attack_generator(device: torch.device, seed: int, epoch: int, step: int) -> torch.Generator:
     """The random-start stream of one training step: a function of (seed, epoch, step)."""
     g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([seed, epoch, step]).generate_state(1, np.uint64)[0]) >> 1)
+    g.manual_seed(stream_seed(seed, epoch, step, ATTACK))
     return g
 
 

@@ -22,11 +22,11 @@ from contextlib import contextmanager
 import kornia.augmentation as K
 import kornia.color
 import kornia.geometry.transform as KG
-import numpy as np
 import torch
 from torch import nn
 
 from fasttricks.recipes import AugmentConfig
+from fasttricks.seeding import AUGMENT, stream_seed
 
 
 def _coin(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -131,7 +131,7 @@ class HeavyAugmentation(nn.Module):
 
 
 def step_seed(seed: int, epoch: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, step, 1]).generate_state(1, np.uint64)[0]) >> 1
+    return stream_seed(seed, epoch, step, AUGMENT)
 
 
 @contextmanager

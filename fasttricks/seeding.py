@@ -1,0 +1,13 @@
+"""One rule for every per-step random stream: a seed derived from counters, so a draw is a
+function of (run seed, epoch, step, which stream) and of nothing that happened before."""
+
+from __future__ import annotations
+
+import numpy as np
+
+AUGMENT, ATTACK = 1, 2  # stream ids: augmentation/mixing, PGD random start
+
+
+def stream_seed(seed: int, epoch: int, step: int, stream: int) -> int:
+    """A 63-bit seed (torch.manual_seed's range) from NumPy's SeedSequence hash of the counters."""
+    return int(np.random.SeedSequence([seed, epoch, step, stream]).generate_state(1, np.uint64)[0]) >> 1
