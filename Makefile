@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: demo test setup system-deps lint
 
 demo: $(STAMP)
-	$(VENV)/bin/fasttricks train --recipe baseline --data toy --override pipelines/overrides/toy.yaml \
+	$(VENV)/bin/fasttricks train --recipe winner --data toy --override pipelines/overrides/toy-winner.yaml \
 		--out runs/demo --overwrite
 
 test: $(STAMP)

@@ -21,19 +21,22 @@ from torch import nn
 from fasttricks.atomic import atomic_path
 from fasttricks.models import WeightsError
 
-_NAME = re.compile(r"^s(\d+)-e(\d+)(?:-step(\d+))?$")
+_NAME = re.compile(r"^s(\d+)-e(\d+)(?:-step(\d+))?(-avg)?$")
 
 
 @dataclass(frozen=True, order=True)
 class Position:
-    """Where a run is: ``epoch`` epochs of stage ``stage`` done, plus ``step`` steps of the next."""
+    """Where a run is: ``epoch`` epochs of stage ``stage`` done, plus ``step`` steps of the next;
+    ``averaged``: the stage's weight averaging is done too (it follows its last epoch)."""
 
     stage: int
     epoch: int
     step: int = 0
+    averaged: bool = False
 
     def name(self) -> str:
-        return f"s{self.stage}-e{self.epoch:03d}" + (f"-step{self.step:06d}" if self.step else "")
+        return (f"s{self.stage}-e{self.epoch:03d}" + (f"-step{self.step:06d}" if self.step else "")
+                + ("-avg" if self.averaged else ""))
 
 
 def save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
@@ -56,6 +59,14 @@ def read_info(path: str | os.PathLike) -> dict:
     if "fasttricks" not in meta:
         raise WeightsError(f"{path} was not written by fasttricks (no model description in its metadata)")
     return json.loads(meta["fasttricks"])
+
+
+def update_info(path: str | os.PathLike, changes: dict) -> dict:
+    """Rewrite a weights file's ``info`` with ``changes`` merged in (atomically); returns it."""
+    info = {**read_info(path), **changes}
+    with atomic_path(path) as tmp:
+        save_file(load_file(str(path)), str(tmp), metadata={"fasttricks": json.dumps(info)})
+    return info
 
 
 def save_checkpoint(run_dir: Path, position: Position, net: nn.Module, info: dict, state: dict) -> Path:
@@ -82,7 +93,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[Position, Path]]:
     for p in root.iterdir() if root.is_dir() else []:
         m = _NAME.match(p.name)
         if m and (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
-            found.append((Position(int(m[1]), int(m[2]), int(m[3] or 0)), p))
+            found.append((Position(int(m[1]), int(m[2]), int(m[3] or 0), bool(m[4])), p))
     return sorted(found)
 
 

@@ -18,14 +18,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from fasttricks.brainscore.export import ExportError
+    from fasttricks.brainscore.local import BrainScoreError
     from fasttricks.data.beton import BuildError
     from fasttricks.models import WeightsError
     from fasttricks.recipes import RecipeError
     from fasttricks.runs import RunFolderError
     from fasttricks.train import TrainingDiverged
 
-    return (BuildError, RecipeError, WeightsError, RunFolderError, TrainingDiverged, FileNotFoundError,
-            FileExistsError, ValueError)
+    return (BuildError, RecipeError, WeightsError, RunFolderError, TrainingDiverged, ExportError, BrainScoreError,
+            FileNotFoundError, FileExistsError, ValueError)
 
 
 def friendly(fn):
@@ -174,6 +176,144 @@ def eval_cmd(
     print(json.dumps(result))
 
 
+@app.command()
+@friendly
+def average(
+    checkpoints: Annotated[list[Path], typer.Argument(help="checkpoint folders or weights files of one run")],
+    out: Annotated[Path, typer.Option(help="the averaged weights file (.safetensors)")],
+    data: Annotated[str | None, typer.Option(
+        "--data", "-d", help="recompute batch-norm statistics on this training set (folder or 'toy')")] = None,
+    bn_batches: Annotated[int, typer.Option(help="training batches for the statistics")] = 100,
+    batch_size: int = 128, device: str | None = None, overwrite: bool = False,
+):
+    """Uniform average of checkpoints; with --data, batch-norm statistics recomputed (frozen ones kept)."""
+    import torch
+
+    from fasttricks.averaging import average_command
+    from fasttricks.data.sources import resolve_data
+    from fasttricks.devices import default_device
+
+    report = average_command(checkpoints, out, data_dir=resolve_data(data) if data else None,
+                             bn_batches=bn_batches, batch_size=batch_size, overwrite=overwrite,
+                             device=torch.device(device) if device else default_device())
+    bn = (f"batch norms recomputed on {report['bn_images']} images" if report["bn_images"]
+          else "[yellow]batch-norm statistics averaged, not recomputed (give --data to recompute them)")
+    console.print(f"wrote {out}: mean of {len(checkpoints)} checkpoints; {bn}")
+
+
+def _sizes(text: str) -> list[int]:
+    from fasttricks.recipes import FixResConfig, RecipeError
+
+    try:
+        return FixResConfig(sizes=text).sizes
+    except ValueError as e:
+        raise RecipeError(f"--sizes {text!r}: expected START:STOP:STEP such as 224:416:16") from e
+
+
+@app.command("fixres")
+@friendly
+def fixres_cmd(
+    weights: Annotated[Path, typer.Argument(help="final.safetensors of a run, or any fasttricks weights file")],
+    data: DataOpt = "toy",
+    sizes: Annotated[str | None, typer.Option(
+        help="test crops START:STOP:STEP (stop included); default 0.8-1.75x the training test crop")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for fixres.csv/png; default: beside the weights")] = None,
+    batch_size: int = 256, device: str | None = None,
+):
+    """Accuracy against test size (resize keeps the training crop/resize ratio): fixres.csv, fixres.png,
+    and for a run's final.safetensors the best size recorded for eval and export."""
+    import torch
+
+    from fasttricks.data.sources import resolve_data
+    from fasttricks.devices import default_device
+    from fasttricks.fixres import fixres_command
+
+    result = fixres_command(weights, resolve_data(data), crops=_sizes(sizes) if sizes else None,
+                            batch_size=batch_size, out_dir=out,
+                            device=torch.device(device) if device else default_device())
+    console.print(f"curve: {result['csv']}, {result['png']}")
+
+
+@app.command()
+@friendly
+def ablate(
+    folder: Annotated[Path, typer.Argument(help="a folder of recipes, e.g. pipelines/table1")],
+    data: DataOpt = "toy",
+    out: Annotated[Path | None, typer.Option(help="default: runs/ablate-<folder name>")] = None,
+    set_: SetOpt = None, override: OverrideOpt = None, device: str | None = None,
+):
+    """Train every recipe of a folder (resuming unfinished ones) and write a paper-style table:
+    OUT/ablation.md and OUT/ablation.json."""
+    import torch
+
+    from fasttricks.ablate import ablate as run_ablation
+    from fasttricks.data.sources import resolve_data
+
+    out = out or Path("runs") / f"ablate-{folder.name}"
+    run_ablation(folder, resolve_data(data), out, overrides=override or [], sets=set_ or [],
+                 device=torch.device(device) if device else None)
+    console.print((out / "ablation.md").read_text())
+    console.print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
+
+
+brainscore_app = typer.Typer(no_args_is_help=True, help="Export a run as a Brain-Score model plugin; "
+                             "activations and scores through brainscore_vision.")
+app.add_typer(brainscore_app, name="brainscore")
+RunArg = Annotated[Path, typer.Argument(help="a run folder, a checkpoint folder or a weights file")]
+
+
+@brainscore_app.command("export")
+@friendly
+def brainscore_export(
+    source: RunArg,
+    out: Annotated[Path, typer.Option(help="the plugin folder to write")],
+    identifier: Annotated[str | None, typer.Option(
+        help="model identifier (the resolution is appended); default: recipe, model, run, resolution")] = None,
+    region: Annotated[list[str] | None, typer.Option(
+        help="REGION=LAYER for region_layer_map/ID.json, e.g. --region V1=blocks.3.0 (repeatable)")] = None,
+    overwrite: bool = False,
+):
+    """Write a brainscore_vision model plugin (model.py, __init__.py, weights, requirements.txt, test.py)."""
+    from fasttricks.brainscore.export import export
+
+    config = export(source, out, identifier=identifier, regions=region or [], overwrite=overwrite)
+    console.print(f"[green]{out}[/]: {config['identifier']} · {config['arch']} · resize {config['resize']} / "
+                  f"crop {config['crop']} · {len(config['layers'])} layers · read-out "
+                  f"{config['behavioral_readout_layer']}")
+
+
+@brainscore_app.command("activations")
+@friendly
+def brainscore_activations(
+    source: RunArg,
+    images: Annotated[list[Path], typer.Option("--images", help="image files or folders (repeatable)")],
+    out: Annotated[Path, typer.Option(help=".npz to write: one array per layer, plus stimulus_paths")],
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="layer names (repeatable); default: "
+                                                     "the behavioural read-out")] = None,
+):
+    """Activations for local images through brainscore_vision's PytorchWrapper (offline)."""
+    from fasttricks.brainscore.local import activations
+
+    shapes = activations(source, images, layers, out)
+    for layer, shape in shapes.items():
+        console.print(f"  {layer:<24} {shape}")
+    console.print(f"wrote {out}")
+
+
+@brainscore_app.command("score")
+@friendly
+def brainscore_score(
+    source: RunArg,
+    benchmark: Annotated[str, typer.Option(help="e.g. FreemanZiemba2013public.V1-pls, Rajalingham2018public-i2n, "
+                                           "MajajHong2015public.IT-pls")],
+):
+    """Score the run's export on a brainscore_vision benchmark (downloads its data on first use)."""
+    from fasttricks.brainscore.local import score
+
+    record = score(source, benchmark)
+    console.print(f"{record['identifier']} on {benchmark}: [bold]{record['score']:.4f}[/]")
+
+
 def _print_summary(summary: dict) -> None:
     if "stopped_after_epochs" in summary:
         console.print(f"[yellow]stopped after {summary['stopped_after_epochs']} epoch(s); "
@@ -183,7 +323,11 @@ def _print_summary(summary: dict) -> None:
     for split in ("val", "val_clutter"):
         if f"{split}_top1" in summary:
             top1, top5 = summary[f"{split}_top1"], summary[f"{split}_top5"]
-            console.print(f"  {split:<12} top-1 {top1:6.2f}%  top-5 {top5:6.2f}%")
+            robust = (f"  robust top-1 {summary[f'{split}_robust_top1']:6.2f}% ({summary['robust_attack']})"
+                      if f"{split}_robust_top1" in summary else "")
+            console.print(f"  {split:<12} top-1 {top1:6.2f}%  top-5 {top5:6.2f}%{robust}")
+    console.print(f"  test size    resize {summary['test_resize']} / crop {summary['test_crop']}"
+                  + (" (FixRes: fixres.png)" if "fixres" in summary else ""))
     console.print(f"  run folder   {summary['run']}")
     console.print(f"  weights      {summary['final_weights']}")
 

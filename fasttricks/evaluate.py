@@ -12,7 +12,7 @@ from torch import nn
 
 from fasttricks.adversarial import pgd
 from fasttricks.checkpoint import read_info
-from fasttricks.data.loader import beton_paths, create_val_loader, iterate_val
+from fasttricks.data.loader import ValLoader, beton_paths
 from fasttricks.devices import autocast
 from fasttricks.models import Classifier, create_model
 from fasttricks.recipes import AdversarialConfig, ModelConfig
@@ -42,20 +42,21 @@ def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
     return {"top1": 100.0 * c1 / max(seen, 1), "top5": 100.0 * c5 / max(seen, 1), "images": seen}
 
 
-def evaluate_splits(model: nn.Module, data_dir: str | os.PathLike, *, resize: int, crop: int,
-                    batch_size: int, device: torch.device, workers: int = 0,
+def val_loaders(data_dir: str | os.PathLike, *, resize: int, crop: int, batch_size: int, device: torch.device,
+                workers: int = 0) -> dict[str, ValLoader]:
+    """A loader for ``val`` and, when present, ``val_clutter``."""
+    return {split: ValLoader(path, batch_size=batch_size, resize=resize, crop=crop, device=device, workers=workers)
+            for split, path in beton_paths(data_dir).items() if split != "train"}
+
+
+def evaluate_splits(model: nn.Module, loaders: dict[str, ValLoader], device: torch.device,
                     attack: AdversarialConfig | None = None) -> dict[str, dict]:
-    """Accuracy on ``val`` and, when present, ``val_clutter``; with ``attack`` also robust
-    accuracy (``robust_top1``)."""
+    """Accuracy on each split; with ``attack`` also robust accuracy (``robust_top1``)."""
     results = {}
-    for split, path in beton_paths(data_dir).items():
-        if split == "train":
-            continue
-        loader = create_val_loader(path, batch_size=batch_size, resize=resize, crop=crop,
-                                   device=device, workers=workers)
-        results[split] = accuracy(model, iterate_val(loader), device)
+    for split, loader in loaders.items():
+        results[split] = accuracy(model, loader, device)
         if attack is not None:
-            robust = accuracy(model, iterate_val(loader), device, attack)
+            robust = accuracy(model, loader, device, attack)
             results[split].update(robust_top1=robust["top1"], robust_top5=robust["top5"])
     return results
 
@@ -73,8 +74,8 @@ def eval_command(weights: Path, data_dir: Path, *, crop: int | None, resize: int
     model, info = load_classifier(weights, device)
     crop = crop or info["val_crop"]
     resize = resize or round(crop * info["val_resize"] / info["val_crop"])
-    results = evaluate_splits(model, data_dir, resize=resize, crop=crop, batch_size=batch_size,
-                              device=device, workers=workers, attack=attack)
+    loaders = val_loaders(data_dir, resize=resize, crop=crop, batch_size=batch_size, device=device, workers=workers)
+    results = evaluate_splits(model, loaders, device, attack)
     report = {"weights": str(weights), "resize": resize, "crop": crop, **results}
     if attack is not None:
         report["attack"] = attack.model_dump()

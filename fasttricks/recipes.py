@@ -189,6 +189,26 @@ class MixingConfig(Strict):
     fg_resize: Range = Field((1.0, 1.0), description="foreground_cutmix: its scale factor before pasting")
 
 
+class AverageConfig(Strict):
+    """Weight averaging at the end of a stage (Izmailov et al.): the uniform mean of some of the
+    stage's epoch checkpoints (``last`` or ``epochs``) or an exponential moving average of the
+    weights over its steps (``ema_decay``, timm's ModelEmaV3); then the running statistics of
+    every batch norm that is not frozen are recomputed on training batches."""
+
+    last: int | None = Field(None, ge=1, description="average the last k epoch checkpoints of the stage")
+    epochs: list[int] | None = Field(None, min_length=1, description="or these epochs (1-based, in the stage)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="or an EMA of the weights, updated every step")
+    bn_batches: int = Field(100, ge=0, description="training batches for the batch-norm statistics (capped at "
+                            "one epoch); 0 keeps the averaged statistics")
+
+    @model_validator(mode="after")
+    def _check(self):
+        chosen = [k for k in ("last", "epochs", "ema_decay") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"average takes exactly one of last, epochs, ema_decay (got {chosen or 'none'})")
+        return self
+
+
 class StageConfig(Strict):
     name: str = "train"
     epochs: int = Field(16, ge=1)
@@ -206,6 +226,62 @@ class StageConfig(Strict):
     adversarial: AdversarialConfig | None = Field(None, description="PGD adversarial training; None: off")
     augment: AugmentConfig | None = Field(None, description="heavy augmentation on the device; None: off")
     mixing: MixingConfig | None = Field(None, description="CutMix or Foreground-CutMix; None: off")
+    average: AverageConfig | None = Field(None, description="weight averaging at the stage's end; None: off")
+
+    @model_validator(mode="after")
+    def _check_average(self):
+        a = self.average
+        if a is not None and a.last is not None and a.last > self.epochs:
+            raise ValueError(f"average.last ({a.last}) exceeds the stage's {self.epochs} epochs")
+        if a is not None and a.epochs is not None and not all(1 <= e <= self.epochs for e in a.epochs):
+            raise ValueError(f"average.epochs {a.epochs} must lie in 1..{self.epochs} (the stage's epochs)")
+        return self
+
+    def averaged_epochs(self) -> list[int]:
+        """The 1-based epochs whose checkpoints the stage averages (empty for EMA or none)."""
+        if self.average is None or self.average.ema_decay is not None:
+            return []
+        if self.average.epochs is not None:
+            return sorted(set(self.average.epochs))
+        return list(range(self.epochs - self.average.last + 1, self.epochs + 1))
+
+
+def _size_range(value: Any) -> Any:
+    """``"224:416:16"`` as [224, 240, ..., 416] (the stop is included)."""
+    if isinstance(value, str):
+        try:
+            start, stop, step = (int(v) for v in value.split(":"))
+        except ValueError:
+            raise ValueError(f"sizes: expected START:STOP:STEP such as 224:416:16, not {value!r}") from None
+        if step <= 0 or stop < start:
+            raise ValueError(f"sizes {value!r}: need STEP > 0 and STOP >= START")
+        return list(range(start, stop + 1, step))
+    return value
+
+
+class FixResFineTuneConfig(Strict):
+    """FixRes' second step (Touvron et al.): at the chosen test size, train only the classifier and
+    the batch-norm layers (statistics and affine) for a few hundred steps."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Adam, constant")
+
+
+class FixResConfig(Strict):
+    """After training: accuracy at each test crop (resize keeps the training crop/resize ratio),
+    the curve saved as fixres.csv / fixres.png, the best size used for the final evaluation and
+    stored with the model."""
+
+    sizes: Annotated[list[int] | None, BeforeValidator(_size_range)] = Field(
+        None, min_length=1, description="test crops: a list or START:STOP:STEP (stop included); None: from "
+        "0.8x to 1.75x the training test crop (192:416:16 for 240)")
+    finetune: FixResFineTuneConfig | None = Field(None, description="FixRes' classifier + BN fine-tuning; None: off")
+
+
+class EvaluationConfig(Strict):
+    attack: AdversarialConfig | None = Field(None, description="robust accuracy of the final model under this "
+                                             "PGD attack (fp32); None: clean only")
 
 
 class Recipe(Strict):
@@ -215,6 +291,10 @@ class Recipe(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     stages: Annotated[list[StageConfig], Field(min_length=1)]
+    fixres: FixResConfig | None = Field(None, description="test-resolution sweep after training; None: off")
+    evaluation: EvaluationConfig = EvaluationConfig()
+    paper: dict[str, float] = Field(default_factory=dict, description="the paper's figures for this recipe "
+                                    "(shown beside ours by `fasttricks ablate`)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def truncate_metrics(out: Path, keep: int) -> None:
-    """Keep the first ``keep`` rows: a resumed run rewrites what came after its checkpoint."""
-    rows = read_metrics(out)[:keep]
+def truncate_metrics(out: Path, keep: Callable[[dict], bool]) -> None:
+    """Keep the rows ``keep`` accepts: a resumed run rewrites what came after its checkpoint."""
+    rows = [r for r in read_metrics(out) if keep(r)]
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

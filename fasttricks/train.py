@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm.optim
+import timm.utils
 import torch
 from torch import nn
 
-from fasttricks import freezing, runs
+from fasttricks import fixres, freezing, runs
 from fasttricks.adversarial import attack_generator, pgd
 from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
 from fasttricks.augment.mixing import mix
-from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint, save_weights
+from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
+from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, read_info, save_checkpoint, save_weights
 from fasttricks.data.beton import read_manifest
-from fasttricks.data.loader import TrainLoader, beton_paths, create_val_loader, dist_info, iterate_val
+from fasttricks.data.loader import TrainLoader, beton_paths, dist_info
 from fasttricks.devices import autocast, default_device
-from fasttricks.evaluate import accuracy
+from fasttricks.evaluate import accuracy, evaluate_splits, val_loaders
 from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import OptimizerConfig, Recipe, StageConfig
@@ -96,6 +98,7 @@ class Run:
     train_model: nn.Module  # the model, or its torch.compile wrapper
     info: dict  # what final.safetensors records about the model
     val_loaders: dict
+    data_dir: Path
     train_beton: Path
     is_main: bool
     show_progress: bool
@@ -129,19 +132,18 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     info = {"arch": recipe.model.arch, "num_classes": len(classes), "classes": classes,
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
             "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name}
-    val_loaders = {split: create_val_loader(p, batch_size=recipe.data.val_batch_size, resize=recipe.data.val_resize,
-                                            crop=recipe.data.val_crop, device=device, workers=recipe.data.workers)
-                   for split, p in paths.items() if split != "train"}
+    loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
+                          batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers)
     starts = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     with _InterruptFlag() as interrupt:
         train_model = torch.compile(model) if recipe.model.compile else model
-        run = Run(recipe, out, device, model, train_model, info, val_loaders, paths["train"], rank == 0,
-                  show_progress, interrupt, starts)
+        run = Run(recipe, out, device, model, train_model, info, loaders, Path(data_dir), paths["train"],
+                  rank == 0, show_progress, interrupt, starts)
         position, state = _restore(run) if resume else (Position(0, 0), None)
         started = time.time()
         done_now = 0
         for s, stage in enumerate(recipe.stages):
-            if s < position.stage or (s == position.stage and position.epoch >= stage.epochs):
+            if s < position.stage or (s == position.stage and _stage_done(position, stage)):
                 continue
             begin = position if s == position.stage else Position(s, 0)
             done_now = _run_stage(run, s, stage, begin, state if s == position.stage else None,
@@ -167,20 +169,64 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     augment = HeavyAugmentation(stage.augment).to(run.device) if stage.augment else None
     optimizer = create_optimizer(run.model, stage.optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
+    ema = (timm.utils.ModelEmaV3(run.model.net, decay=stage.average.ema_decay)
+           if stage.average and stage.average.ema_decay else None)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state)
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+    finished = begin.epoch
     for epoch in range(begin.epoch, stage.epochs):
         resume_step = begin.step if epoch == begin.epoch else 0
-        row = _run_epoch(run, s, stage, epoch, loader, optimizer, criterion, augment, resume_step,
+        row = _run_epoch(run, s, stage, epoch, loader, optimizer, criterion, augment, ema, resume_step,
                          state if resume_step else None)
         if run.is_main:
             runs.append_metrics(run.out, row)
-        run.save(Position(s, epoch + 1), {"optimizer": optimizer.state_dict(), **_rng_state()})
+        run.save(Position(s, epoch + 1), {"optimizer": optimizer.state_dict(), **_rng_state(), **_ema_state(ema)})
+        finished = epoch + 1
         done_now += 1
         if stop_after is not None and done_now >= stop_after:
             break
+    if finished >= stage.epochs and stage.average is not None:
+        _average_stage(run, s, stage, ema)
     return done_now
+
+
+def _stage_done(position: Position, stage: StageConfig) -> bool:
+    return position.epoch >= stage.epochs and (stage.average is None or position.averaged)
+
+
+def _ema_state(ema: timm.utils.ModelEmaV3 | None) -> dict:
+    return {} if ema is None else {"ema": {k: v.detach().clone() for k, v in ema.module.state_dict().items()}}
+
+
+def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEmaV3 | None) -> None:
+    """Replace the model by the stage's average (checkpoints or EMA), recompute the statistics of
+    the batch norms that are not frozen, evaluate, and checkpoint it as the stage's result."""
+    avg = stage.average
+    if ema is not None:
+        run.model.net.load_state_dict(ema.module.state_dict())
+        how = f"ema {avg.ema_decay}"
+    else:
+        epochs = stage.averaged_epochs()
+        state, _ = average_files([run.out / "checkpoints" / Position(s, e).name() for e in epochs])
+        run.model.net.load_state_dict(state)
+        how = f"epochs {','.join(map(str, epochs))}"
+    res = resolution_at(stage.resolution, stage.epochs - 1)
+    if avg.bn_batches:
+        batches = calibration_batches(run.train_beton, avg.bn_batches, stage.batch_size, res, seed=run.recipe.seed,
+                                      device=run.device, workers=run.recipe.data.workers)
+        recalibrate_batch_norm(run.model, run.model.net, batches, run.info["frozen"])
+    row = {"stage": stage.name, "stage_index": s, "epoch": stage.epochs, "averaged": how, "resolution": res}
+    for split, loader in run.val_loaders.items():
+        m = accuracy(run.model, loader, run.device)
+        row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
+    if run.is_main:
+        runs.append_metrics(run.out, row)
+        if run.show_progress:
+            console.print(f"{stage.name}: weights averaged ({how}) · " + _describe_accuracy(row))
+    run.save(Position(s, stage.epochs, averaged=True), _rng_state())
 
 
 def _apply_freeze(run: Run, stage: StageConfig) -> None:
@@ -195,7 +241,7 @@ def _apply_freeze(run: Run, stage: StageConfig) -> None:
 
 def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLoader,
                optimizer: torch.optim.Optimizer, criterion: nn.Module, augment: HeavyAugmentation | None,
-               start_step: int, state: dict | None) -> dict:
+               ema: timm.utils.ModelEmaV3 | None, start_step: int, state: dict | None) -> dict:
     res = resolution_at(stage.resolution, epoch)
     steps = len(loader)
     device = run.device
@@ -225,6 +271,8 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                 targets = labels
             generator = attack_generator(device, run.recipe.seed, epoch_key, step) if stage.adversarial else None
             loss = training_step(run.train_model, images, targets, optimizer, criterion, stage, generator)
+            if ema is not None:
+                ema.update(run.model.net)
             loss_sum += loss
             seen += labels.shape[0]
             done = step + 1
@@ -238,12 +286,14 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
             if run.interrupt.set:
                 _check_finite(run, stage, epoch, first_bad)
                 path = run.save(Position(s, epoch, step + 1),
-                                {"optimizer": optimizer.state_dict(), **_rng_state(), "loss_sum": loss_sum.cpu(),
+                                {"optimizer": optimizer.state_dict(), **_rng_state(), **_ema_state(ema),
+                                 "loss_sum": loss_sum.cpu(),
                                  "seen": seen, "seconds": seconds + time.perf_counter() - tic})
                 raise Interrupted(f"interrupted at {stage.name} epoch {epoch + 1} step {step + 1}; "
                                   f"saved {path}. Continue with --resume.")
     seconds += time.perf_counter() - tic
-    metrics = {split: accuracy(run.model, iterate_val(loader_), device) for split, loader_ in run.val_loaders.items()}
+    run.info["train_resolution"] = res
+    metrics = {split: accuracy(run.model, loader_, device) for split, loader_ in run.val_loaders.items()}
     row = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
            "resolution": res, "train_loss": loss_sum.item() / max(done, 1),
            "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2)}
@@ -255,10 +305,13 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
 
 
 def _describe_row(row: dict) -> str:
-    accs = " · ".join(f"{split} {row[f'{split}_top1']:.1f}% (top-5 {row[f'{split}_top5']:.1f}%)"
-                      for split in ("val", "val_clutter") if f"{split}_top1" in row)
     return (f"  epoch {row['epoch']} · lr {row['lr']:.3g} · loss {row['train_loss']:.3f} · "
-            f"{row['images_per_s']:.0f} img/s · {accs}")
+            f"{row['images_per_s']:.0f} img/s · {_describe_accuracy(row)}")
+
+
+def _describe_accuracy(row: dict) -> str:
+    return " · ".join(f"{split} {row[f'{split}_top1']:.1f}% (top-5 {row[f'{split}_top5']:.1f}%)"
+                      for split in ("val", "val_clutter") if f"{split}_top1" in row)
 
 
 def _check_finite(run: Run, stage: StageConfig, epoch: int, first_bad: torch.Tensor) -> None:
@@ -292,11 +345,16 @@ def _restore(run: Run) -> tuple[Position, dict | None]:
     position, path = found[-1]
     weights, state = load_checkpoint(path)
     run.model.net.load_state_dict(weights)
+    if "train_resolution" in (saved := read_info(path / "model.safetensors")):
+        run.info["train_resolution"] = saved["train_resolution"]
     if run.is_main:
-        runs.truncate_metrics(run.out, run.epochs_before[position.stage] + position.epoch)
+        def kept(row: dict) -> bool:
+            return (row["stage_index"], row["epoch"], "averaged" in row) <= (
+                position.stage, position.epoch, position.averaged)
+        runs.truncate_metrics(run.out, kept)
         console.print(f"resuming from {path}")
     # At a stage's end the next stage starts afresh: its optimizer, the RNG continuing.
-    if position.epoch >= run.recipe.stages[position.stage].epochs:
+    if _stage_done(position, run.recipe.stages[position.stage]):
         _set_rng_state(state)
         return position, None
     return position, state
@@ -308,17 +366,62 @@ def _final_metrics(run: Run) -> dict:
 
 
 def _finish(run: Run, seconds: float) -> dict:
+    """After the last stage: the FixRes sweep (when the recipe has one), the final evaluation at
+    the chosen test size (robust accuracy too when the recipe asks), final.safetensors, summary.json."""
     last = _final_metrics(run)
+    data = run.recipe.data
     summary = {"run": str(run.out.resolve()), "recipe": run.recipe.name, "model": run.recipe.model.arch,
                "epochs": sum(s.epochs for s in run.recipe.stages),
                "final_weights": str((run.out / "final.safetensors").resolve()),
-               "val_resize": run.recipe.data.val_resize, "val_crop": run.recipe.data.val_crop,
+               "val_resize": data.val_resize, "val_crop": data.val_crop,
+               "test_resize": data.val_resize, "test_crop": data.val_crop,
                "seconds_this_call": round(seconds, 1)}
     summary.update({k: v for k, v in last.items() if k.startswith(("val", "train_loss", "images_per_s"))})
     if run.is_main:
+        if run.recipe.fixres is not None:
+            summary.update(_fixres(run))
+        attack = run.recipe.evaluation.attack
+        if run.recipe.fixres is not None or attack is not None:
+            summary.update(_final_accuracy(run, summary["test_resize"], summary["test_crop"], attack))
         save_weights(run.out / "final.safetensors", run.model.net, run.info)
         runs.write_json(run.out / "summary.json", summary)
     return summary
+
+
+def _fixres(run: Run) -> dict:
+    """Sweep the test size, write the curve, optionally fine-tune at the best size; the model's
+    info then names that size (eval and export read it)."""
+    cfg, data = run.recipe.fixres, run.recipe.data
+    sizes = cfg.sizes or fixres.default_sizes(data.val_crop)
+    rows = fixres.sweep(run.model, run.val_loaders, sizes, ratio=data.val_crop / data.val_resize, device=run.device,
+                        show_progress=run.show_progress)
+    chosen = fixres.best(rows)
+    fixres.write_curve(rows, chosen, run.out, train_crop=run.info.get("train_resolution"),
+                       title=f"FixRes: {run.recipe.name}")
+    if run.show_progress:
+        console.print(f"FixRes: best test size crop {chosen['crop']} / resize {chosen['resize']} "
+                      f"(val top-1 {chosen['val_top1']:.1f}%; {fixres.PNG_NAME})")
+    if cfg.finetune is not None:
+        fixres.finetune(run.model, run.model.net, run.train_beton, crop=chosen["crop"], resize=chosen["resize"],
+                        cfg=cfg.finetune, seed=run.recipe.seed, device=run.device, workers=data.workers,
+                        frozen=run.info.get("frozen", []), show_progress=run.show_progress)
+    run.info.update(fixres.test_size_info(run.info, chosen))
+    return {"fixres": fixres.choice(chosen), "test_crop": chosen["crop"], "test_resize": chosen["resize"]}
+
+
+def _final_accuracy(run: Run, resize: int, crop: int, attack) -> dict:
+    for loader in run.val_loaders.values():
+        loader.set_size(resize, crop)
+    results = evaluate_splits(run.model, run.val_loaders, run.device, attack)
+    out = {}
+    for split, m in results.items():
+        out[f"{split}_top1"], out[f"{split}_top5"] = m["top1"], m["top5"]
+        if "robust_top1" in m:
+            out[f"{split}_robust_top1"] = m["robust_top1"]
+    if attack is not None:
+        eps = f"{attack.eps * 255:.4g}/255" if attack.norm == "linf" else f"{attack.eps:.4g}"
+        out["robust_attack"] = f"{attack.norm}:{eps}:{attack.steps}"
+    return out
 
 
 def _stopped(run: Run, epochs: int) -> dict:

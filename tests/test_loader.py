@@ -7,7 +7,7 @@ import torch
 
 from fasttricks.data import loader as loader_mod
 from fasttricks.data.crops import crop_box, sample_key, uniform
-from fasttricks.data.loader import SeededOrder, TrainLoader, create_val_loader, iterate_val
+from fasttricks.data.loader import SeededOrder, TrainLoader, ValLoader
 
 
 def _epoch(beton, *, seed=0, epoch=0, res=32, workers=2, skip=0, batch_size=32):
@@ -120,12 +120,25 @@ def test_distributed_shards_are_disjoint_and_cover_the_epoch(monkeypatch, n, wor
 
 
 def test_val_loader_sees_every_image_once_in_file_order(toy_data):
-    loader = create_val_loader(toy_data / "val.beton", batch_size=64, resize=48, crop=40,
-                               device=torch.device("cpu"), workers=1)
-    labels = torch.cat([y for _, y in iterate_val(loader)])
+    loader = ValLoader(toy_data / "val.beton", batch_size=64, resize=48, crop=40, device=torch.device("cpu"),
+                       workers=1)
+    labels = torch.cat([y for _, y in loader])
     assert labels.tolist() == [c for c in range(10) for _ in range(10)]  # folder by folder
     with pytest.raises(ValueError, match="crop"):
-        create_val_loader(toy_data / "val.beton", batch_size=8, resize=32, crop=40, device=torch.device("cpu"))
+        ValLoader(toy_data / "val.beton", batch_size=8, resize=32, crop=40, device=torch.device("cpu"))
+
+
+def test_a_val_loader_resized_between_passes_gives_what_a_new_loader_of_that_size_gives(toy_data, cpu):
+    loader = ValLoader(toy_data / "val.beton", batch_size=50, resize=48, crop=40, device=cpu, workers=1)
+    first = torch.cat([x for x, _ in loader])
+    loader.set_size(64, 48)
+    resized = torch.cat([x for x, _ in loader])
+    fresh = torch.cat([x for x, _ in ValLoader(toy_data / "val.beton", batch_size=50, resize=64, crop=48,
+                                               device=cpu, workers=1)])
+    assert first.shape[-1] == 40 and resized.shape[-1] == 48
+    assert torch.equal(resized, fresh)
+    with pytest.raises(ValueError, match="crop"):
+        loader.set_size(40, 48)
 
 
 def test_a_batch_larger_than_the_data_is_a_clear_error(toy_data):

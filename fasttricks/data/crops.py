@@ -7,9 +7,9 @@ uninterrupted one. Here every draw is a counter-based hash (splitmix64) of (seed
 index, draw number), so a crop is a pure function of those and of nothing else: not the thread
 that decodes it, not the batch it falls in, not what was decoded before.
 
-The epoch changes at run time while the pipeline is compiled once, and numba freezes captured
-arrays as constants, so the (seed, epoch) pair lives in a small numpy array that the compiled
-code reads through its address (see ``_state_view``).
+The epoch (and the validation crop and resize) change at run time while the pipeline is compiled
+once, and numba freezes captured arrays as constants, so (seed, epoch, crop, resize) live in a small
+numpy array that the compiled code reads through its address (see ``_state_view``).
 """
 
 from __future__ import annotations
@@ -84,9 +84,10 @@ def crop_box(key, height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi)
 
 
 @numba.njit
-def centre_box(height, width, ratio):
-    """The centred square of side ``ratio`` x the short side (FFCV's centre crop)."""
-    side = np.int64(ratio * min(np.int64(height), np.int64(width)))
+def centre_box(height, width, crop, resize):
+    """The centred square of side crop/resize x the short side (FFCV's centre crop), in integer
+    arithmetic: FFCV's float product can land just below an integer (40/48 x 48 = 39.99...)."""
+    side = np.int64(crop) * min(np.int64(height), np.int64(width)) // np.int64(resize)
     return (np.int64(height) - side) // 2, (np.int64(width) - side) // 2, side, side
 
 
@@ -113,7 +114,7 @@ def _as_voidptr(typingctx, address):
 def _state_view(address):
     # Why an address: the state must be readable by compiled code and writable from Python
     # between epochs; an array captured by a closure would be frozen into the code as a constant.
-    return numba.carray(_as_voidptr(address), (2,), np.uint64)
+    return numba.carray(_as_voidptr(address), (4,), np.uint64)
 
 
 class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
@@ -126,7 +127,8 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
         super().__init__(output_size)
         self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
         self.centre_ratio = None
-        self.state = np.array([seed, 0], dtype=np.uint64)  # read by the compiled decoder
+        # read by the compiled decoder: seed, epoch, and the validation crop and resize
+        self.state = np.array([seed, 0, 1, 1], dtype=np.uint64)
 
     def set_epoch(self, epoch: int) -> None:
         self.state[1] = epoch
@@ -143,7 +145,7 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
         address = self.state.ctypes.data
         scale_lo, scale_hi = float(self.scale[0]), float(self.scale[1])
         log_lo, log_hi = float(np.log(self.ratio[0])), float(np.log(self.ratio[1]))
-        flip, centre, centre_ratio = self.flip, self.centre_ratio is not None, float(self.centre_ratio or 1.0)
+        flip, centre = self.flip, self.centre_ratio is not None
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -164,7 +166,7 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
                     temp_buffer = image_data.reshape(height, width, 3)
                 key = sample_key(seed, epoch, source_ix)
                 if centre:
-                    top, left, h, w = centre_box(height, width, centre_ratio)
+                    top, left, h, w = centre_box(height, width, state[2], state[3])
                 else:
                     top, left, h, w = crop_box(key, height, width, scale_lo, scale_hi, log_lo, log_hi)
                 resize_crop_c(temp_buffer, top, top + h, left, left + w, destination[dst_ix])
@@ -182,6 +184,15 @@ class CentreCropDecoder(SeededRandomResizedCropFlip):
     side, resized to (C, C). FFCV's ``CenterCropRGBImageDecoder`` computes the same box; this one
     shares the compiled-code handling above."""
 
-    def __init__(self, output_size: tuple[int, int], ratio: float):
-        super().__init__(output_size, flip=False)
-        self.centre_ratio = ratio
+    def __init__(self, resize: int, crop: int):
+        super().__init__((crop, crop), flip=False)
+        self.set_size(resize, crop)
+
+    def set_size(self, resize: int, crop: int) -> None:
+        """May change between epochs, like ``output_size`` (a FixRes sweep re-uses one compiled
+        loader for every test size)."""
+        if not 0 < crop <= resize:
+            raise ValueError(f"the validation crop ({crop}) must be positive and at most the resize ({resize})")
+        self.centre_ratio = crop / resize
+        self.output_size = (crop, crop)
+        self.state[2], self.state[3] = crop, resize

@@ -52,7 +52,7 @@ class TrainLoader:
     def __init__(self, beton: str | os.PathLike, *, batch_size: int, resolution: int, seed: int,
                  device: torch.device, workers: int = 0, order: str = "random", os_cache: bool = True,
                  distributed: bool = False, drop_last: bool = True, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3)):
+                 ratio=(3 / 4, 4 / 3), indices: np.ndarray | None = None):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
         if order == "quasi_random" and distributed:
@@ -63,7 +63,7 @@ class TrainLoader:
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
                              order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL,
                              os_cache=os_cache, drop_last=drop_last, distributed=distributed, seed=seed,
-                             pipelines={"image": [self.decoder, *_to_device(device)],
+                             indices=indices, pipelines={"image": [self.decoder, *_to_device(device)],
                                         "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
         self.order = None
         if order == "random":  # ours: seeded, resumable; FFCV's own is kept for the other two
@@ -90,22 +90,47 @@ class TrainLoader:
             yield _to_float(images), labels.to(torch.long, copy=True)
 
 
-def create_val_loader(beton: str | os.PathLike, *, batch_size: int, resize: int, crop: int,
-                      device: torch.device, workers: int = 0, distributed: bool = False) -> Loader:
-    """Resize the short side to ``resize`` and take the centre ``crop`` (crop/resize is FFCV's
-    ``ratio``), in file order; every image once (no drop_last)."""
+def sample_indices(beton: str | os.PathLike, count: int, seed: int) -> np.ndarray:
+    """A seeded random subset of ``count`` sample indices (all of them when the beton holds fewer),
+    sorted: a loader over it reads a short epoch to the end instead of abandoning a long one
+    (FFCV's loader thread is not meant to be dropped mid-epoch)."""
+    from fasttricks.data.beton import read_manifest
+
+    total = read_manifest(beton)["images"]
+    if count >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng([seed, 0xB4]).choice(total, size=count, replace=False))
+
+
+class ValLoader:
+    """Validation batches (resize R, centre crop C) in file order, every image once. The size can
+    change between passes (``set_size``) without building a new loader: FFCV compiles a loader's
+    pipeline on its first pass, about a second each, which a FixRes sweep would pay per size."""
+
+    def __init__(self, beton: str | os.PathLike, *, batch_size: int, resize: int, crop: int,
+                 device: torch.device, workers: int = 0, distributed: bool = False):
+        _check_size(resize, crop)
+        self.resize, self.crop = resize, crop
+        self.decoder = CentreCropDecoder(resize, crop)
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
+                             order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
+                             pipelines={"image": [self.decoder, *_to_device(device)],
+                                        "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
+
+    def set_size(self, resize: int, crop: int) -> None:
+        _check_size(resize, crop)
+        self.resize, self.crop = resize, crop
+        self.decoder.set_size(resize, crop)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield _to_float(images), labels.to(torch.long, copy=True)
+
+
+def _check_size(resize: int, crop: int) -> None:
     if crop > resize:
         raise ValueError(f"the validation crop ({crop}) cannot exceed the resize ({resize})")
-    decoder = CentreCropDecoder((crop, crop), ratio=crop / resize)
-    return Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
-                  order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
-                  pipelines={"image": [decoder, *_to_device(device)],
-                             "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
 
-
-def iterate_val(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for images, labels in loader:
-        yield _to_float(images), labels.to(torch.long, copy=True)
 
 
 def _to_device(device: torch.device, image: bool = True) -> list:

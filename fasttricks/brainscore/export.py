@@ -1,0 +1,185 @@
+"""``fasttricks brainscore export``: a trained model as a brainscore_vision model plugin folder.
+
+Layout (brainscore_vision's): ``__init__.py`` registers a ``ModelCommitment`` lazily in
+``model_registry`` (a literal ``model_registry['ID'] = lambda: ...`` line: Brain-Score finds
+plugins by scanning for it), ``model.py`` (``get_model``, ``get_layers``, ``get_bibtex``; a copy of
+``plugin_model.py``), ``model.json`` (what model.py reads), ``test.py``, ``requirements.txt``
+(pinned to the versions that trained the model), ``weights.safetensors`` and, when given,
+``region_layer_map/ID.json``. Nothing in the folder imports fasttricks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from fasttricks.brainscore.layers import READOUT, candidate_layers
+from fasttricks.checkpoint import read_info
+from fasttricks.models import WeightsError
+
+PLUGIN_MODEL = Path(__file__).with_name("plugin_model.py")
+WEIGHTS_NAME = "weights.safetensors"
+REGIONS = ("V1", "V2", "V4", "IT")
+# what model.py imports; the versions of this environment (the one that trained) are pinned
+REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pillow", "opencv-python-headless")
+
+
+class ExportError(ValueError):
+    """A run or an option that cannot be exported; the message names it."""
+
+
+def find_weights(source: Path) -> tuple[Path, dict]:
+    """(weights file, summary or {}) of a run folder, a checkpoint folder or a weights file."""
+    if source.is_dir():
+        for candidate in (source / "final.safetensors", source / "model.safetensors"):
+            if candidate.is_file():
+                summary = source / "summary.json"
+                return candidate, json.loads(summary.read_text()) if summary.is_file() else {}
+        raise ExportError(f"{source} holds neither final.safetensors (a finished run) nor model.safetensors "
+                          "(a checkpoint)")
+    if not source.is_file():
+        raise ExportError(f"{source} does not exist")
+    return source, {}
+
+
+def identifier_for(info: dict, run_name: str, resize: int, crop: int, given: str | None = None) -> str:
+    """A Brain-Score identifier that names the resolution (activations are cached per identifier:
+    two resolutions under one name would reuse each other's). Default: fasttricks, recipe, model,
+    run, resolution."""
+    suffix = f"{resize}x{crop}"
+    base = given or "-".join(p for p in ("fasttricks", info.get("recipe"), info["arch"], run_name) if p)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-").lower()
+    if not name:
+        raise ExportError(f"--identifier {given!r} has no usable character (letters, digits, _ . -)")
+    return name if name.endswith(suffix) else f"{name}-{suffix}"
+
+
+def parse_regions(pairs: list[str], layers: list[str]) -> dict[str, str]:
+    """``V1=blocks.3.0`` pairs as a region→layer map, checked against the regions Brain-Score scores
+    and the exported layers."""
+    mapping = {}
+    for pair in pairs:
+        region, sep, layer = pair.partition("=")
+        if not sep or region not in REGIONS:
+            raise ExportError(f"--region expects REGION=LAYER with REGION one of {', '.join(REGIONS)}, not {pair!r}")
+        if layer not in layers:
+            raise ExportError(f"--region {pair}: {layer!r} is not one of the exported layers ({', '.join(layers)})")
+        mapping[region] = layer
+    return mapping
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for package in REQUIREMENTS:
+        try:
+            found[package] = metadata.version(package).split("+")[0]  # drop local tags such as +cu130
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def export(source: Path, out: Path, *, identifier: str | None = None, regions: list[str] = (),
+           overwrite: bool = False) -> dict:
+    """Write the plugin folder ``out`` (atomically: a temporary folder renamed); returns model.json."""
+    weights, summary = find_weights(source)
+    try:
+        info = read_info(weights)
+    except WeightsError as e:
+        raise ExportError(str(e)) from None
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    net = _network(info)
+    layers = candidate_layers(net)
+    resize, crop = info["val_resize"], info["val_crop"]  # FixRes' choice when the run made one
+    run_name = (source if source.is_dir() else source.parent).resolve().name
+    name = identifier_for(info, run_name, resize, crop, identifier)
+    config = {"identifier": name, "arch": info["arch"], "num_classes": info["num_classes"], "weights": WEIGHTS_NAME,
+              "weights_sha1": sha1(weights), "resize": resize, "crop": crop, "mean": info["mean"], "std": info["std"],
+              "layers": layers, "behavioral_readout_layer": READOUT, "batch_size": 64,
+              "source": {"weights": str(weights.resolve()), "recipe": info.get("recipe"),
+                         "fixres": info.get("fixres"), "frozen": info.get("frozen", []),
+                         "summary": {k: v for k, v in summary.items() if k.endswith(("_top1", "attack"))}}}
+    region_map = parse_regions(list(regions), layers)
+    _write_folder(out, config, weights, region_map, overwrite)
+    return config
+
+
+def _network(info: dict):
+    import timm
+
+    return timm.create_model(info["arch"], pretrained=False, num_classes=info["num_classes"])
+
+
+def sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_folder(out: Path, config: dict, weights: Path, region_map: dict, overwrite: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        name = config["identifier"]
+        shutil.copyfile(weights, tmp / WEIGHTS_NAME)
+        shutil.copyfile(PLUGIN_MODEL, tmp / "model.py")
+        (tmp / "model.json").write_text(json.dumps(config, indent=1) + "\n")
+        (tmp / "__init__.py").write_text(_INIT.format(name=name))
+        (tmp / "test.py").write_text(_TEST.format(name=name))
+        (tmp / "requirements.txt").write_text(
+            "".join(f"{p}=={v}\n" if v else f"{p}\n" for p, v in versions().items()))
+        if region_map:
+            (tmp / "region_layer_map").mkdir()
+            (tmp / "region_layer_map" / f"{name}.json").write_text(json.dumps(region_map, indent=1) + "\n")
+        if out.exists():
+            if not overwrite:
+                raise ExportError(f"{out} appeared while exporting; nothing was replaced")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_INIT = '''"""Brain-Score plugin written by fasttricks: {name}."""
+
+from brainscore_vision import model_registry
+from brainscore_vision.model_helpers.brain_transformation import ModelCommitment
+
+from .model import behavioral_readout_layer, get_layers, get_model, region_layer_map
+
+model_registry['{name}'] = lambda: ModelCommitment(
+    identifier='{name}', activations_model=get_model('{name}'), layers=get_layers('{name}'),
+    behavioral_readout_layer=behavioral_readout_layer('{name}'), region_layer_map=region_layer_map('{name}'))
+'''
+
+_TEST = '''import numpy as np
+import pytest
+from PIL import Image
+
+import brainscore_vision
+
+
+@pytest.mark.travis_slow
+def test_has_identifier():
+    model = brainscore_vision.load_model('{name}')
+    assert model.identifier == '{name}'
+
+
+def test_activations_of_the_readout_layer(tmp_path):
+    from .model import get_layers, get_model
+
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(path)
+    layer = get_layers('{name}')[-1]
+    activations = get_model('{name}')([str(path)], layers=[layer])
+    assert activations.shape[0] == 1 and np.isfinite(activations.values).all()
+'''

@@ -1,0 +1,139 @@
+"""Using an export here: activations on local images and benchmark scores, both through
+brainscore_vision itself (its ``PytorchWrapper``, ``ModelCommitment`` and ``load_benchmark``), on
+the exported plugin folder, so that what is checked is what Brain-Score will run.
+
+A run is exported once into ``RUN/brainscore/<identifier>/`` and re-used while its weights and
+test size are unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fasttricks.atomic import atomic_path, write_json
+from fasttricks.brainscore.export import ExportError, export, find_weights, identifier_for, sha1
+from fasttricks.checkpoint import read_info
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class BrainScoreError(RuntimeError):
+    """Scoring could not run; the message says what is missing and where it goes."""
+
+
+def plugin_for(source: Path) -> Path:
+    """The plugin folder of a run (exported on first use), or ``source`` itself when it is one."""
+    if (source / "model.json").is_file() and (source / "__init__.py").is_file():
+        return source
+    weights, _ = find_weights(source)
+    info = read_info(weights)
+    run = source if source.is_dir() else source.parent
+    name = identifier_for(info, run.resolve().name, info["val_resize"], info["val_crop"])
+    folder = run / "brainscore" / name
+    config = folder / "model.json"
+    if not (config.is_file() and json.loads(config.read_text())["weights_sha1"] == sha1(weights)):
+        export(source, folder, overwrite=True)
+    return folder
+
+
+def load_plugin(folder: Path):
+    """Import the plugin's model.py as its own module (not through fasttricks)."""
+    module_name = f"_fasttricks_plugin_{abs(hash(str(folder.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def image_files(items: list[Path]) -> list[Path]:
+    files = []
+    for item in items:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no image in {', '.join(map(str, items))} ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def activations(source: Path, images: list[Path], layers: list[str] | None, out: Path) -> dict:
+    """Activations of ``layers`` (default: the read-out) for local images through brainscore's
+    ``PytorchWrapper``; saved as ``out`` (.npz: one array per layer, rows = images, plus the
+    image paths). Returns {layer: shape}."""
+    plugin = load_plugin(plugin_for(source))
+    name = plugin.CONFIG["identifier"]
+    layers = layers or [plugin.behavioral_readout_layer(name)]
+    unknown = [layer for layer in layers if layer not in plugin.get_layers(name)]
+    if unknown:
+        raise ExportError(f"--layers: {', '.join(unknown)} not among the model's layers "
+                          f"({', '.join(plugin.get_layers(name))})")
+    files = [str(p) for p in image_files(images)]
+    assembly = plugin.get_model(name)(files, layers=layers)
+    arrays = {layer: np.asarray(assembly.sel(layer=layer).values) for layer in layers}
+    order = [str(p) for p in assembly["stimulus_path"].values]
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, stimulus_paths=np.asarray(order), layers=np.asarray(layers), **arrays)
+    return {layer: list(a.shape) for layer, a in arrays.items()}
+
+
+def score(source: Path, benchmark: str) -> dict:
+    """Score the exported commitment on a brainscore_vision benchmark, in this process; the result
+    is appended to ``RUN/brainscore/scores.json``."""
+    folder = plugin_for(source)
+    plugin = load_plugin(folder)
+    name = plugin.CONFIG["identifier"]
+    # brainscore would otherwise `pip install` the benchmark's requirements into this environment
+    # (which can change the versions this model was trained with); BS_INSTALL_DEPENDENCIES=yes restores that.
+    os.environ.setdefault("BS_INSTALL_DEPENDENCIES", "no")
+    try:
+        from brainscore_vision import load_benchmark
+        from brainscore_vision.model_helpers.brain_transformation import ModelCommitment
+
+        model = ModelCommitment(identifier=name, activations_model=plugin.get_model(name),
+                                layers=plugin.get_layers(name),
+                                behavioral_readout_layer=plugin.behavioral_readout_layer(name),
+                                region_layer_map=plugin.region_layer_map(name))
+        result = load_benchmark(benchmark)(model)
+    except Exception as e:  # brainio/boto/result_caching raise many kinds; all end here
+        raise BrainScoreError(_explain(benchmark, e)) from None
+    record = {"benchmark": benchmark, "identifier": name, "score": float(np.asarray(result).ravel()[0]),
+              "attrs": {k: _plain(v) for k, v in result.attrs.items() if not k.startswith("raw")},
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    scores = folder.parent / "scores.json"
+    previous = json.loads(scores.read_text()) if scores.is_file() else []
+    write_json(scores, [*previous, record])
+    return record
+
+
+def _plain(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+def _explain(benchmark: str, error: Exception) -> str:
+    if "No registrations found" in str(error):
+        return (f"no benchmark {benchmark!r} in brainscore_vision (public ones: FreemanZiemba2013public.V1-pls, "
+                f"FreemanZiemba2013public.V2-pls, MajajHong2015public.V4-pls, MajajHong2015public.IT-pls, "
+                f"Rajalingham2018public-i2n)")
+    brainio = os.environ.get("BRAINIO_HOME", str(Path.home() / ".brainio"))
+    caching = os.environ.get("RESULTCACHING_HOME", str(Path.home() / ".result_caching"))
+    return (f"could not score benchmark {benchmark!r}: {type(error).__name__}: {str(error)[:300]}\n"
+            f"  Scoring needs the benchmark's stimuli and recordings, which brainio downloads on first use "
+            f"(network access to Brain-Score's S3 storage) into BRAINIO_HOME ({brainio}); results are "
+            f"cached in RESULTCACHING_HOME ({caching}). Run once with network access, or copy those "
+            f"folders from a machine that has them. Without a region_layer_map (export --region), "
+            f"neural benchmarks first score the public benchmarks to choose layers, which needs their data too.")

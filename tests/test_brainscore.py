@@ -1,0 +1,178 @@
+"""Brain-Score export, offline: the plugin folder imports without fasttricks, builds its
+ModelCommitment and gives activations through brainscore_vision's own wrapper; its preprocessing
+is our evaluation transform; identifiers name the resolution; scoring offline is a clear error."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fasttricks.brainscore.export import ExportError, export, identifier_for
+from fasttricks.checkpoint import save_weights, update_info
+from fasttricks.cli import app
+from fasttricks.data.beton import BetonOptions, build_beton
+from fasttricks.data.loader import ValLoader
+from fasttricks.models import create_model
+from fasttricks.recipes import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as training leaves it: final.safetensors with its info, summary.json."""
+    out = tmp_path_factory.mktemp("runs") / "my-run"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10)
+    info = {"arch": "test_efficientnet", "num_classes": 10, "classes": [str(i) for i in range(10)],
+            "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), "val_resize": 48,
+            "val_crop": 40, "recipe": "winner", "frozen": ["conv_stem", "bn1"]}
+    save_weights(out / "final.safetensors", model.net, info)
+    (out / "summary.json").write_text(json.dumps({"val_top1": 50.0, "val_clutter_top1": 20.0}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stimuli")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(53, 77), (96, 64), (120, 120)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plugin(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "fasttricks_plugin"
+    config = export(run, out, regions=["V1=blocks.1", "IT=blocks.4"])
+    return out, config
+
+
+def test_export_writes_the_plugin_layout_pinned_and_named_by_resolution(plugin):
+    out, config = plugin
+    assert {p.name for p in out.iterdir()} == {"__init__.py", "model.py", "model.json", "test.py",
+                                              "requirements.txt", "weights.safetensors", "region_layer_map"}
+    name = config["identifier"]
+    assert name == "fasttricks-winner-test_efficientnet-my-run-48x40"
+    assert f"model_registry['{name}'] = lambda: ModelCommitment(" in (out / "__init__.py").read_text()
+    assert json.loads((out / "region_layer_map" / f"{name}.json").read_text()) == {"V1": "blocks.1", "IT": "blocks.4"}
+    requirements = (out / "requirements.txt").read_text().splitlines()
+    assert "torch==2.14.1" in requirements and any(r.startswith("timm==") for r in requirements)
+    assert config["layers"][-1] == config["behavioral_readout_layer"] == "global_pool"
+    assert "blocks.4.0.conv_pwl" in config["layers"] and (config["resize"], config["crop"]) == (48, 40)
+    assert "fasttricks" not in (out / "model.py").read_text().split('"""', 2)[2]  # no import of ours
+
+
+def test_the_plugin_imports_without_fasttricks_and_gives_activations_through_brainscore(plugin, images, tmp_path):
+    out, config = plugin
+    name = config["identifier"]
+    script = textwrap.dedent(f"""
+        import importlib.abc, json, sys
+        class NoFasttricks(importlib.abc.MetaPathFinder):
+            def find_spec(self, fullname, path=None, target=None):
+                if fullname.split(".")[0] == "fasttricks":
+                    raise ImportError("fasttricks must not be needed")
+        sys.meta_path.insert(0, NoFasttricks())
+        sys.path.insert(0, {str(out.parent)!r})
+        import fasttricks_plugin
+        from brainscore_vision import model_registry
+        commitment = model_registry[{name!r}]()
+        wrapper = fasttricks_plugin.model.get_model({name!r})
+        paths = sorted(str(p) for p in __import__("pathlib").Path({str(images)!r}).glob("*.png"))
+        acts = wrapper(paths, layers=["blocks.1", "global_pool"])
+        print(json.dumps({{"identifier": commitment.identifier, "shape": list(acts.shape),
+                          "layers": sorted(set(acts["layer"].values.tolist())),
+                          "fasttricks": any(m.split(".")[0] == "fasttricks" for m in sys.modules)}}))
+    """)
+    env = {**os.environ, "RESULTCACHING_DISABLE": "1", "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["identifier"] == name and result["layers"] == ["blocks.1", "global_pool"]
+    assert result["shape"][0] == 3 and not result["fasttricks"]
+
+
+def test_export_preprocessing_is_our_evaluation_transform(plugin, images, tmp_path):
+    out, config = plugin
+    folder = tmp_path / "set" / "0"
+    folder.mkdir(parents=True)
+    for p in sorted(images.glob("*.png")):
+        (folder / p.name).write_bytes(p.read_bytes())
+    build_beton(tmp_path / "set", tmp_path / "val.beton", BetonOptions(write_mode="raw", workers=1))
+    ours = torch.cat([x for x, _ in ValLoader(tmp_path / "val.beton", batch_size=8, resize=48, crop=40,
+                                              device=torch.device("cpu"), workers=1)])
+    mean, std = torch.tensor(config["mean"])[:, None, None], torch.tensor(config["std"])[:, None, None]
+    ours = ((ours - mean) / std).numpy()
+    sys.path.insert(0, str(out.parent))
+    try:
+        from fasttricks_plugin import model as plugin_model
+    finally:
+        sys.path.remove(str(out.parent))
+    theirs = plugin_model.preprocess(sorted(str(p) for p in images.glob("*.png")))
+    assert theirs.shape == ours.shape == (3, 3, 40, 40)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
+def test_identifiers_differ_between_resolutions_and_follow_fixres(run, tmp_path):
+    info = {"arch": "efficientnet_b1", "recipe": "winner"}
+    assert identifier_for(info, "r", 272, 240) != identifier_for(info, "r", 324, 288)
+    assert identifier_for(info, "r", 324, 288, given="My Model").endswith("my-model-324x288")
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "final.safetensors").write_bytes((run / "final.safetensors").read_bytes())
+    first = export(copy, tmp_path / "a")["identifier"]
+    update_info(copy / "final.safetensors", {"val_resize": 64, "val_crop": 56})  # what `fixres` records
+    second = export(copy, tmp_path / "b")
+    assert first != second["identifier"] and (second["resize"], second["crop"]) == (64, 56)
+
+
+def test_bad_export_options_are_errors_and_leave_nothing(run, tmp_path):
+    with pytest.raises(ExportError, match="REGION=LAYER"):
+        export(run, tmp_path / "x", regions=["V9=blocks.1"])
+    with pytest.raises(ExportError, match="not one of the exported layers"):
+        export(run, tmp_path / "x", regions=["V1=nope"])
+    with pytest.raises(ExportError, match="neither final.safetensors"):
+        export(tmp_path, tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep").write_text("mine")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export(run, tmp_path / "x")
+    assert (tmp_path / "x" / "keep").read_text() == "mine"
+
+
+def test_activations_command_saves_each_layer_for_local_images(run, images, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["brainscore", "activations", str(run), "--images", str(images), "--out",
+                                 str(tmp_path / "acts.npz"), "--layers", "blocks.2", "--layers", "global_pool"])
+    assert result.exit_code == 0, result.output
+    saved = np.load(tmp_path / "acts.npz")
+    assert saved["global_pool"].shape[0] == saved["blocks.2"].shape[0] == 3
+    assert sorted(os.path.basename(p) for p in saved["stimulus_paths"]) == ["im0.png", "im1.png", "im2.png"]
+    bad = runner.invoke(app, ["brainscore", "activations", str(run), "--images", str(images), "--out",
+                              str(tmp_path / "x.npz"), "--layers", "fc9"])
+    assert bad.exit_code == 2 and "fc9" in bad.output and not (tmp_path / "x.npz").exists()
+
+
+def test_score_offline_is_a_clear_error_naming_the_caches(run, tmp_path, monkeypatch):
+    # a dead proxy: offline whatever the machine, and fast
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("BRAINIO_HOME", str(tmp_path / "brainio"))
+    monkeypatch.setenv("RESULTCACHING_HOME", str(tmp_path / "rc"))
+    runner = CliRunner()
+    result = runner.invoke(app, ["brainscore", "score", str(run), "--benchmark", "FreemanZiemba2013public.V1-pls"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "could not score benchmark 'FreemanZiemba2013public.V1-pls'" in text
+    assert f"BRAINIO_HOME ({tmp_path / 'brainio'})" in text and "RESULTCACHING_HOME" in text
+    assert "Traceback" not in result.output
+    unknown = runner.invoke(app, ["brainscore", "score", str(run), "--benchmark", "NoSuch.V1-pls"])
+    assert unknown.exit_code == 2 and "no benchmark 'NoSuch.V1-pls'" in " ".join(unknown.output.split())

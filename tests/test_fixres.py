@@ -1,0 +1,84 @@
+"""FixRes: the sweep evaluates every size, picks the argmax of its own curve, writes the CSV and
+the plot, and records the choice where eval and export read it; the fine-tuning step trains only
+the classifier and the free batch norms."""
+
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fasttricks import fixres
+from fasttricks.checkpoint import read_info
+from fasttricks.cli import app
+from fasttricks.data.loader import beton_paths
+from fasttricks.evaluate import load_classifier
+from fasttricks.freezing import freeze
+from fasttricks.recipes import PIPELINES, FixResFineTuneConfig, load_recipe
+from fasttricks.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(toy_data, tmp_path_factory):
+    recipe = load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"],
+                         ["stages.0.epochs=2", "stages.0.resolution.min=40", "stages.0.resolution.max=40",
+                          "data.val_resize=48", "data.val_crop=40"])
+    out = tmp_path_factory.mktemp("runs") / "r"
+    train(recipe, toy_data, out, show_progress=False)
+    return out
+
+
+def test_best_is_the_argmax_and_a_tie_goes_to_the_smaller_size():
+    rows = [{"crop": 32, "val_top1": 50.0}, {"crop": 40, "val_top1": 70.0}, {"crop": 48, "val_top1": 70.0},
+            {"crop": 56, "val_top1": 60.0}]
+    assert fixres.best(rows)["crop"] == 40
+    assert fixres.best(rows, "crop")["crop"] == 56
+
+
+def test_fixres_command_writes_the_curve_and_records_the_best_size_for_eval(trained, toy_data):
+    runner = CliRunner()
+    weights = trained / "final.safetensors"
+    result = runner.invoke(app, ["fixres", str(weights), "--data", str(toy_data), "--sizes", "32:56:8",
+                                 "--batch-size", "100"])
+    assert result.exit_code == 0, result.output
+    with open(trained / "fixres.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["crop"]) for r in rows] == [32, 40, 48, 56]
+    assert [int(r["resize"]) for r in rows] == [round(c * 48 / 40) for c in (32, 40, 48, 56)]  # training ratio
+    top1 = [float(r["val_top1"]) for r in rows]
+    chosen = rows[top1.index(max(top1))]
+    assert (trained / "fixres.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["test_crop"] == int(chosen["crop"]) == summary["fixres"]["crop"]
+    info = read_info(weights)
+    assert (info["val_crop"], info["val_resize"]) == (int(chosen["crop"]), int(chosen["resize"]))
+    assert (info["train_val_crop"], info["train_val_resize"]) == (40, 48)
+    # eval now defaults to the chosen size and reproduces the curve's point
+    report = runner.invoke(app, ["eval", str(weights), "--data", str(toy_data)])
+    assert report.exit_code == 0, report.output
+    measured = json.loads(report.output.strip().splitlines()[-1])
+    assert measured["crop"] == int(chosen["crop"])
+    assert measured["val"]["top1"] == pytest.approx(float(chosen["val_top1"]))
+
+
+def test_bad_sizes_are_refused_naming_the_option(trained, toy_data):
+    result = CliRunner().invoke(app, ["fixres", str(trained / "final.safetensors"), "--data", str(toy_data),
+                                      "--sizes", "64:32:8"])
+    assert result.exit_code == 2 and "--sizes" in result.output
+
+
+def test_fixres_fine_tuning_trains_only_the_classifier_and_free_batch_norms(trained, toy_data, cpu):
+    model, _ = load_classifier(trained / "final.safetensors", cpu)
+    frozen = ["conv_stem", "bn1"]
+    freeze(model.net, frozen)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    fixres.finetune(model, model.net, beton_paths(toy_data)["train"], crop=48, resize=56,
+                    cfg=FixResFineTuneConfig(steps=3, batch_size=32, lr=1e-2), seed=0, device=cpu,
+                    frozen=frozen, show_progress=False)
+    after = model.net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"classifier.weight", "classifier.bias", "bn2.weight", "bn2.running_mean"} <= changed
+    assert not any(k.startswith(("conv_stem", "bn1.")) for k in changed)  # frozen: weights and statistics
+    assert not any(k.endswith("conv.weight") or "conv_" in k for k in changed)  # convolutions untouched
+    assert all(p.requires_grad == (not n.startswith(("conv_stem", "bn1."))) for n, p in model.net.named_parameters())

@@ -1,0 +1,132 @@
+"""The winner recipe end to end on the toy data (tiny model, CPU): every stage, the averaged model,
+the FixRes curve and a summary with every field; resuming in the middle of stage 2 ends where the
+uninterrupted run ends; weight averaging (checkpoints or EMA) inside a run; `ablate`."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fasttricks.ablate import ablate
+from fasttricks.checkpoint import read_info
+from fasttricks.recipes import PIPELINES, load_recipe
+from fasttricks.train import train
+
+TOY_WINNER = PIPELINES / "overrides" / "toy-winner.yaml"
+SMALL = ["data.val_resize=48", "data.val_crop=40", "stages.0.epochs=2", "stages.1.epochs=3",
+         "stages.0.resolution={min: 32, max: 40, start_ramp: 0, end_ramp: 1, multiple: 8}",
+         "stages.1.resolution={min: 40, max: 40}", "stages.1.average.last=2", "stages.1.average.bn_batches=3",
+         "evaluation.attack.steps=2"]
+TIMING = {"images_per_s", "seconds", "seconds_this_call"}
+
+
+def _winner(*sets):
+    return load_recipe("winner", [TOY_WINNER], [*SMALL, *sets])
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def winner_run(toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "winner"
+    return out, train(_winner(), toy_data, out, show_progress=False)
+
+
+def test_winner_runs_every_stage_and_its_summary_holds_every_field(winner_run):
+    out, summary = winner_run
+    for name in ("config.yaml", "metrics.jsonl", "final.safetensors", "summary.json", "fixres.csv", "fixres.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text()) == summary
+    for key in ("val_top1", "val_clutter_top1", "val_robust_top1", "val_clutter_robust_top1", "robust_attack",
+                "test_crop", "test_resize", "fixres"):
+        assert key in summary, key
+    assert summary["test_crop"] in (32, 40, 48, 56, 64) and summary["robust_attack"] == "linf:2/255:2"
+    assert summary["val_robust_top1"] <= summary["val_top1"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"], r.get("averaged")) for r in rows] == [
+        ("adversarial", 1, None), ("adversarial", 2, None), ("behaviour", 1, None), ("behaviour", 2, None),
+        ("behaviour", 3, None), ("behaviour", 3, "epochs 2,3")]
+    info = read_info(out / "final.safetensors")
+    assert (info["val_crop"], info["val_resize"]) == (summary["test_crop"], summary["test_resize"])
+    assert info["frozen"][:2] == ["conv_stem", "bn1"]
+
+
+def test_the_frozen_half_keeps_stage_one_weights_and_statistics_through_averaging(winner_run):
+    out, _ = winner_run
+    stage1, final = _weights(out / "checkpoints/s0-e002/model.safetensors"), _weights(out / "final.safetensors")
+    frozen = read_info(out / "final.safetensors")["frozen"]
+    in_frozen = [k for k in final if any(k.startswith(p + ".") for p in frozen)]
+    assert any("running_mean" in k for k in in_frozen)
+    assert all(torch.equal(final[k], stage1[k]) for k in in_frozen)
+    assert not torch.equal(final["classifier.weight"], stage1["classifier.weight"])
+
+
+def test_the_averaged_model_is_the_mean_of_the_last_epochs_with_statistics_recomputed(winner_run):
+    out, _ = winner_run
+    e2, e3 = (_weights(out / f"checkpoints/s1-e00{e}/model.safetensors") for e in (2, 3))
+    avg = _weights(out / "checkpoints/s1-e003-avg/model.safetensors")
+    assert torch.equal(avg["classifier.weight"], ((e2["classifier.weight"].double() + e3["classifier.weight"].double())
+                                                  / 2).float())
+    assert not torch.allclose(avg["bn2.running_mean"], (e2["bn2.running_mean"] + e3["bn2.running_mean"]) / 2)
+    assert torch.equal(_weights(out / "final.safetensors")["classifier.weight"], avg["classifier.weight"])
+
+
+def test_resume_in_the_middle_of_stage_two_ends_where_the_uninterrupted_run_ends(winner_run, toy_data, tmp_path):
+    out, summary = winner_run
+    part = train(_winner(), toy_data, tmp_path / "r", stop_after=3, show_progress=False)
+    assert part["stopped_after_epochs"] == 3 and not (tmp_path / "r" / "checkpoints" / "s1-e003").exists()
+    resumed = train(_winner(), toy_data, tmp_path / "r", resume=True, show_progress=False)
+    a, b = _weights(out / "final.safetensors"), _weights(tmp_path / "r" / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = TIMING | {"run", "final_weights"}
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in summary.items() if k not in drop}
+    assert (tmp_path / "r" / "fixres.csv").read_text() == (out / "fixres.csv").read_text()
+
+
+def test_resume_between_the_last_epoch_and_the_averaging_averages_once(toy_data, tmp_path):
+    recipe = _winner("stages.0.epochs=1", "stages.1.epochs=2")
+    full = train(recipe, toy_data, tmp_path / "full", show_progress=False)
+    train(recipe, toy_data, tmp_path / "r", stop_after=3, show_progress=False)
+    # the stop came after stage 2's last epoch; as if the process died before the average was saved
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "s1-e002-avg")
+    train(recipe, toy_data, tmp_path / "r", resume=True, show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("averaged" in r for r in rows) == 1
+    a, b = _weights(tmp_path / "full" / "final.safetensors"), _weights(tmp_path / "r" / "final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert full["val_top1"] == json.loads((tmp_path / "r" / "summary.json").read_text())["val_top1"]
+
+
+def test_an_ema_stage_ends_with_the_ema_weights_and_resumes_exactly(toy_data, tmp_path):
+    sets = ["stages.1.average={last: null, ema_decay: 0.9, bn_batches: 0}", "stages.0.epochs=1", "stages.1.epochs=2"]
+    recipe = _winner(*sets)
+    train(recipe, toy_data, tmp_path / "full", show_progress=False)
+    last_epoch = _weights(tmp_path / "full" / "checkpoints/s1-e002/model.safetensors")
+    final = _weights(tmp_path / "full" / "final.safetensors")
+    assert not torch.equal(final["classifier.weight"], last_epoch["classifier.weight"])  # EMA, not the last step
+    state = torch.load(tmp_path / "full" / "checkpoints/s1-e002/state.pt", weights_only=True)
+    assert torch.equal(state["ema"]["classifier.weight"], final["classifier.weight"])
+    train(recipe, toy_data, tmp_path / "r", stop_after=2, show_progress=False)
+    train(recipe, toy_data, tmp_path / "r", resume=True, show_progress=False)
+    resumed = _weights(tmp_path / "r" / "final.safetensors")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_ablate_runs_a_folder_and_tabulates_it_like_the_paper(toy_data, tmp_path):
+    sets = ["model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40", "data.val_batch_size=200",
+            "stages.0.epochs=3", "stages.0.batch_size=64", "stages.0.resolution={min: 32, max: 32}"]
+    result = ablate(PIPELINES / "table1", toy_data, tmp_path, sets=sets)
+    assert [r["recipe"] for r in result["rows"]] == ["1-baseline", "2-heavy-aug", "3-cutmix", "4-fcutmix",
+                                                     "5-heavy-aug-fcutmix", "6-fixres", "7-wa"]
+    table = (tmp_path / "ablation.md").read_text().splitlines()
+    assert table[0].split(" | ")[:2] == ["| recipe", "paper: public_behavior"]
+    assert table[-1].startswith("| 7-wa | 0.5563 |") and table[-1].count("✓") == 4  # aug, F-CutMix, FixRes, WA
+    assert table[2].startswith("| 1-baseline | 0.5133 |") and "✓" not in table[2]
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"][6]["tricks"]["WA"] == "✓"
+    stamp = (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns
+    ablate(PIPELINES / "table1", toy_data, tmp_path, sets=sets)  # finished rows are read back
+    assert (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns == stamp
