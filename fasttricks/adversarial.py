@@ -88,10 +88,10 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: Adve
     return x.detach()
 
 
-def attack_generator(device: torch.device, seed: int, epoch: int, step: int) -> torch.Generator:
-    """The random-start stream of one training step: a function of (seed, epoch, step)."""
+def attack_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+    """The random-start stream of one training step: a function of (seed, epoch, step, rank)."""
     g = torch.Generator(device=device)
-    g.manual_seed(stream_seed(seed, epoch, step, ATTACK))
+    g.manual_seed(stream_seed(seed, epoch, step, ATTACK, rank))
     return g
 
 

@@ -107,18 +107,22 @@ def train(
     stop_after: Annotated[int | None, typer.Option(help="stop after this many epochs (resume later)")] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu; default: cuda if present")] = None,
 ):
-    """Train a recipe (all its stages) and leave a run folder with metrics, checkpoints and a summary."""
+    """Train a recipe (all its stages) and leave a run folder with metrics, checkpoints and a summary.
+    Under torchrun (several processes), trains with DDP; rank 0 writes the run folder."""
     import torch
 
     from fasttricks.data.sources import resolve_data
+    from fasttricks.distributed import dist_info, process_group
     from fasttricks.recipes import load_recipe
     from fasttricks.train import train as run_training
 
     r = load_recipe(recipe, override or [], set_ or [])
     out = out or Path("runs") / r.name
-    summary = run_training(r, resolve_data(data), out, device=torch.device(device) if device else None,
-                           resume=resume, overwrite=overwrite, stop_after=stop_after)
-    _print_summary(summary)
+    with process_group(torch.device(device) if device else None) as dev:  # torchrun: one process per device
+        summary = run_training(r, resolve_data(data), out, device=dev, resume=resume, overwrite=overwrite,
+                               stop_after=stop_after)
+        if dist_info()[0] == 0:
+            _print_summary(summary)
 
 
 @app.command("show-augs")

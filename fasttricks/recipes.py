@@ -38,6 +38,8 @@ class ModelConfig(Strict):
     drop_path_rate: float | None = Field(None, ge=0, lt=1, description="stochastic depth; None: timm's default")
     compile: bool = Field(False, description="torch.compile the model (the attack passes ε as tensors, so "
                           "changing it does not recompile)")
+    sync_batchnorm: bool = Field(False, description="several processes: batch-norm statistics over the global "
+                                 "batch (SyncBatchNorm, GPUs only); False: each process normalises its share")
 
 
 class DataConfig(Strict):
@@ -60,7 +62,9 @@ class DataConfig(Strict):
 
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.5, gt=0, description="peak learning rate for this stage's batch size")
+    lr: float = Field(0.5, gt=0, description="peak learning rate for the stage's (global) batch size")
+    reference_batch: int | None = Field(None, ge=1, description="if set, lr is for this many images and is "
+                                        "scaled linearly to the stage's batch size (Goyal et al.)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
     nesterov: bool = False
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW only")
@@ -212,7 +216,8 @@ class AverageConfig(Strict):
 class StageConfig(Strict):
     name: str = "train"
     epochs: int = Field(16, ge=1)
-    batch_size: int = Field(256, ge=1, description="per process")
+    batch_size: int = Field(256, ge=1, description="global: all processes together; each takes batch_size / "
+                            "world size (the lr is for this batch, so adding GPUs changes neither)")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0, description="max gradient norm; None: no clipping")
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -236,6 +241,11 @@ class StageConfig(Strict):
         if a is not None and a.epochs is not None and not all(1 <= e <= self.epochs for e in a.epochs):
             raise ValueError(f"average.epochs {a.epochs} must lie in 1..{self.epochs} (the stage's epochs)")
         return self
+
+    def peak_lr(self) -> float:
+        """The optimizer's lr for this stage's global batch (see OptimizerConfig.reference_batch)."""
+        ref = self.optimizer.reference_batch
+        return self.optimizer.lr * (self.batch_size / ref if ref else 1.0)
 
     def averaged_epochs(self) -> list[int]:
         """The 1-based epochs whose checkpoints the stage averages (empty for EMA or none)."""

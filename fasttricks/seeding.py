@@ -8,6 +8,8 @@ import numpy as np
 AUGMENT, ATTACK = 1, 2  # stream ids: augmentation/mixing, PGD random start
 
 
-def stream_seed(seed: int, epoch: int, step: int, stream: int) -> int:
-    """A 63-bit seed (torch.manual_seed's range) from NumPy's SeedSequence hash of the counters."""
-    return int(np.random.SeedSequence([seed, epoch, step, stream]).generate_state(1, np.uint64)[0]) >> 1
+def stream_seed(seed: int, epoch: int, step: int, stream: int, rank: int = 0) -> int:
+    """A 63-bit seed (torch.manual_seed's range) from NumPy's SeedSequence hash of the counters.
+    Each process of a multi-process run draws its own stream (rank 0's is the single-process one)."""
+    counters = [seed, epoch, step, stream] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(counters).generate_state(1, np.uint64)[0]) >> 1

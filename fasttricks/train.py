@@ -19,15 +19,16 @@ import timm.utils
 import torch
 from torch import nn
 
-from fasttricks import fixres, freezing, runs
+from fasttricks import distributed, fixres, freezing, runs
 from fasttricks.adversarial import attack_generator, pgd
 from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
 from fasttricks.augment.mixing import mix
 from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
 from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, read_info, save_checkpoint, save_weights
 from fasttricks.data.beton import read_manifest
-from fasttricks.data.loader import TrainLoader, beton_paths, dist_info
+from fasttricks.data.loader import TrainLoader, beton_paths
 from fasttricks.devices import autocast, default_device
+from fasttricks.distributed import dist_info
 from fasttricks.evaluate import accuracy, evaluate_splits, val_loaders
 from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
@@ -47,12 +48,14 @@ class Interrupted(Exception):
 
 def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                   optimizer: torch.optim.Optimizer, criterion: nn.Module, stage: StageConfig,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, attack_model: nn.Module | None = None) -> torch.Tensor:
     """One step on a batch already on the device, in [0, 1]: the PGD attack (when the stage has
     one), forward and backward in autocast, optimizer step. Returns the loss as a device tensor
-    (no sync)."""
+    (no sync). Under DDP, ``model`` is the wrapper and ``attack_model`` the module inside it: the
+    attack's input gradients then trigger no gradient all-reduce."""
     if stage.adversarial is not None:
-        images = pgd(model, images, targets, stage.adversarial, generator=generator)
+        distributed.sync_buffers(attack_model or model)
+        images = pgd(attack_model or model, images, targets, stage.adversarial, generator=generator)
     with autocast(images.device):
         loss = criterion(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
@@ -120,15 +123,19 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     continues). Returns the summary (also written to ``summary.json`` when the run completes).
     """
     out, device = Path(out), device or default_device()
-    rank, _ = dist_info()
+    rank, world = dist_info()
     paths = beton_paths(data_dir)
     classes = read_manifest(paths["train"])["classes"]
     if rank == 0:
         recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite)
+    distributed.barrier()  # the folder is ready (or cleared) before any rank looks into it
     torch.manual_seed(recipe.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = create_model(recipe.model, len(classes)).to(device).to(memory_format=torch.channels_last)
+    model = create_model(recipe.model, len(classes))
+    if recipe.model.sync_batchnorm and world > 1:
+        model.net = timm.layers.convert_sync_batchnorm(model.net)
+    model = model.to(device).to(memory_format=torch.channels_last)
     info = {"arch": recipe.model.arch, "num_classes": len(classes), "classes": classes,
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
             "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name}
@@ -150,7 +157,9 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
                                   stop_after=stop_after, done_now=done_now)
             if stop_after is not None and done_now >= stop_after:
                 return _stopped(run, stop_after)
-    return _finish(run, time.time() - started)
+    summary = _finish(run, time.time() - started)
+    distributed.barrier()
+    return summary
 
 
 def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dict | None, *,
@@ -159,13 +168,14 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     reaches ``stop_after``; returns the new ``done_now``."""
     data = run.recipe.data
     rank, world = dist_info()
-    loader = TrainLoader(run.train_beton, batch_size=stage.batch_size,
+    loader = TrainLoader(run.train_beton, batch_size=distributed.per_process_batch(stage.batch_size),
                          resolution=resolution_at(stage.resolution, begin.epoch), seed=run.recipe.seed,
                          device=run.device, workers=data.workers, order=data.order, os_cache=data.os_cache,
                          distributed=world > 1, scale=data.crop_scale, ratio=data.crop_ratio)
     if stage.weights and begin == Position(s, 0) and state is None:
         load_weights(run.model.net, stage.weights)
     _apply_freeze(run, stage)
+    step_model = distributed.wrap(run.train_model, run.device)  # after freezing: DDP takes trainable params
     augment = HeavyAugmentation(stage.augment).to(run.device) if stage.augment else None
     optimizer = create_optimizer(run.model, stage.optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
@@ -179,7 +189,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     finished = begin.epoch
     for epoch in range(begin.epoch, stage.epochs):
         resume_step = begin.step if epoch == begin.epoch else 0
-        row = _run_epoch(run, s, stage, epoch, loader, optimizer, criterion, augment, ema, resume_step,
+        row = _run_epoch(run, s, stage, epoch, loader, step_model, optimizer, criterion, augment, ema, resume_step,
                          state if resume_step else None)
         if run.is_main:
             runs.append_metrics(run.out, row)
@@ -205,6 +215,7 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
     """Replace the model by the stage's average (checkpoints or EMA), recompute the statistics of
     the batch norms that are not frozen, evaluate, and checkpoint it as the stage's result."""
     avg = stage.average
+    distributed.barrier()  # rank 0 has written the stage's last checkpoint
     if ema is not None:
         run.model.net.load_state_dict(ema.module.state_dict())
         how = f"ema {avg.ema_decay}"
@@ -218,11 +229,12 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
         batches = calibration_batches(run.train_beton, avg.bn_batches, stage.batch_size, res, seed=run.recipe.seed,
                                       device=run.device, workers=run.recipe.data.workers)
         recalibrate_batch_norm(run.model, run.model.net, batches, run.info["frozen"])
+    distributed.broadcast_weights(run.model.net)  # identical on every rank to the last bit
     row = {"stage": stage.name, "stage_index": s, "epoch": stage.epochs, "averaged": how, "resolution": res}
-    for split, loader in run.val_loaders.items():
-        m = accuracy(run.model, loader, run.device)
-        row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
     if run.is_main:
+        for split, loader in run.val_loaders.items():
+            m = accuracy(run.model, loader, run.device)
+            row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
         runs.append_metrics(run.out, row)
         if run.show_progress:
             console.print(f"{stage.name}: weights averaged ({how}) · " + _describe_accuracy(row))
@@ -239,12 +251,13 @@ def _apply_freeze(run: Run, stage: StageConfig) -> None:
         console.print(f"{stage.name}: frozen {len(frozen)} modules ({frozen[0]} … {frozen[-1]})")
 
 
-def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLoader,
+def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLoader, step_model: nn.Module,
                optimizer: torch.optim.Optimizer, criterion: nn.Module, augment: HeavyAugmentation | None,
                ema: timm.utils.ModelEmaV3 | None, start_step: int, state: dict | None) -> dict:
     res = resolution_at(stage.resolution, epoch)
     steps = len(loader)
     device = run.device
+    rank, world = dist_info()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     seen, seconds = 0, 0.0
     if state is not None:  # mid-epoch resume: the running sums continue where they stopped
@@ -262,19 +275,21 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
         for step, (images, labels) in enumerate(loader.epoch(run.epochs_before[s] + epoch, res, start_step),
                                                 start=start_step):
             for group in optimizer.param_groups:
-                group["lr"] = stage.optimizer.lr * lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
+                group["lr"] = stage.peak_lr() * lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
             epoch_key = run.epochs_before[s] + epoch
             if augment is not None or stage.mixing is not None:
-                with seeded(step_seed(run.recipe.seed, epoch_key, step), device):
+                with seeded(step_seed(run.recipe.seed, epoch_key, step, rank), device):
                     images, targets = augment_and_mix(images, labels, stage, augment, run.info["num_classes"])
             else:
                 targets = labels
-            generator = attack_generator(device, run.recipe.seed, epoch_key, step) if stage.adversarial else None
-            loss = training_step(run.train_model, images, targets, optimizer, criterion, stage, generator)
+            generator = (attack_generator(device, run.recipe.seed, epoch_key, step, rank)
+                         if stage.adversarial else None)
+            loss = training_step(step_model, images, targets, optimizer, criterion, stage, generator,
+                                 attack_model=run.train_model)
             if ema is not None:
                 ema.update(run.model.net)
             loss_sum += loss
-            seen += labels.shape[0]
+            seen += labels.shape[0] * world  # images/s of the whole job
             done = step + 1
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
@@ -283,7 +298,7 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                 advance(step + 1 - shown, loss=f"{loss_sum.item() / (step + 1):.3f}",
                         ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}")
                 shown = step + 1
-            if run.interrupt.set:
+            if _interrupted(run, step, steps):
                 _check_finite(run, stage, epoch, first_bad)
                 path = run.save(Position(s, epoch, step + 1),
                                 {"optimizer": optimizer.state_dict(), **_rng_state(), **_ema_state(ema),
@@ -293,7 +308,8 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                                   f"saved {path}. Continue with --resume.")
     seconds += time.perf_counter() - tic
     run.info["train_resolution"] = res
-    metrics = {split: accuracy(run.model, loader_, device) for split, loader_ in run.val_loaders.items()}
+    metrics = ({split: accuracy(run.model, loader_, device) for split, loader_ in run.val_loaders.items()}
+               if run.is_main else {})  # evaluation: rank 0 alone (the others wait in the next all-reduce)
     row = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
            "resolution": res, "train_loss": loss_sum.item() / max(done, 1),
            "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2)}
@@ -302,6 +318,15 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
     if run.is_main and run.show_progress:
         console.print(_describe_row(row))
     return row
+
+
+def _interrupted(run: Run, step: int, steps: int) -> bool:
+    """Ctrl-C seen. With several processes, agreed at logging points, so that every rank stops
+    after the same step."""
+    if dist_info()[1] == 1:
+        return run.interrupt.set
+    at_log_point = (step + 1) % LOG_EVERY == 0 or step + 1 == steps
+    return at_log_point and distributed.any_rank(run.interrupt.set, run.device)
 
 
 def _describe_row(row: dict) -> str:

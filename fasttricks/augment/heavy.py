@@ -130,8 +130,8 @@ class HeavyAugmentation(nn.Module):
         return op(x).clamp_(0, 1)
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    return stream_seed(seed, epoch, step, AUGMENT)
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    return stream_seed(seed, epoch, step, AUGMENT, rank)
 
 
 @contextmanager

@@ -17,15 +17,9 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from fasttricks.data.crops import CentreCropDecoder, SeededRandomResizedCropFlip
+from fasttricks.distributed import dist_info
 
 ORDERS = ("random", "quasi_random", "sequential")
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class SeededOrder(TraversalOrder):

@@ -1,0 +1,115 @@
+"""Several processes: torchrun starts them, PyTorch DDP keeps their weights equal. No launcher of
+our own: ``torchrun --nproc-per-node N -m fasttricks train ...`` (or ``srun torchrun ...``).
+
+Rules, and why:
+- The recipe's ``batch_size`` is the global batch; each process takes ``batch_size / world``. The
+  learning rate belongs to that global batch, so adding GPUs changes neither (and a run is the
+  same run on 1 or 8 GPUs up to floating point); ``optimizer.reference_batch`` scales it linearly
+  when the batch itself changes (Goyal et al.).
+- The PGD attack runs on the unwrapped module: its ``torch.autograd.grad`` asks for input
+  gradients only, so DDP's parameter hooks never fire during the attack and the step all-reduces
+  each gradient bucket once (DDP does not support ``autograd.grad`` through the wrapper).
+- Rank 0 alone writes the run folder and evaluates; averaging is computed by every rank from the
+  same checkpoint files (and the same calibration batches), then rank 0's weights are broadcast.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched() -> bool:
+    """Started by torchrun (or srun + torchrun) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextmanager
+def process_group(device: torch.device | None):
+    """Join torchrun's process group for the duration (NCCL on GPUs, gloo on CPUs); yields this
+    process's device (``cuda:LOCAL_RANK`` on GPUs). Without torchrun, yields ``device`` unchanged."""
+    if not launched() or dist.is_initialized():
+        yield device
+        return
+    use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def per_process_batch(batch_size: int) -> int:
+    _, world = dist_info()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} (the global batch) does not divide among {world} processes")
+    return batch_size // world
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around ``model`` when there is a process group, else ``model``. Built per stage: DDP
+    registers the parameters that require gradients when it is built, and freezing changes them."""
+    if dist_info()[1] == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # buffers follow rank 0 at each forward
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
+def broadcast_weights(net: nn.Module) -> None:
+    """Every tensor of ``net`` (parameters and buffers) from rank 0."""
+    if dist_info()[1] == 1:
+        return
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            dist.broadcast(tensor, 0)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on one (Ctrl-C reaches ranks at different steps)."""
+    if dist_info()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Rank 0's floating buffers (batch-norm statistics) on every rank, in one collective. DDP
+    syncs them at the start of its forward, but the attack runs before that forward, on the
+    unwrapped module, whose statistics each rank's last training forward has updated with its own
+    batch: without this, ranks would attack with different models (and a resumed run, which loads
+    rank 0's statistics everywhere, would differ from an uninterrupted one)."""
+    if dist_info()[1] == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    with torch.no_grad():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, 0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()

@@ -1,0 +1,109 @@
+"""Per-process bodies of the two-process tests (test_distributed.py), run with
+torch.multiprocessing on the CPU with gloo. Each writes what it saw to a JSON or .pt file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def loader_order(rank: int, world: int, port: int, beton: str, out: str) -> None:
+    """The samples this rank's training loader visits in epoch 3, and the batches it yields."""
+    from fasttricks.data.loader import TrainLoader
+
+    _join(rank, world, port)
+    try:
+        loader = TrainLoader(beton, batch_size=20, resolution=32, seed=0, device=torch.device("cpu"), workers=1,
+                             distributed=True)
+        order = loader.order.sample_order(3).tolist()
+        images = sum(x.shape[0] for x, _ in loader.epoch(3, 32))
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"order": order, "images": images}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _model_and_batch():
+    from fasttricks.freezing import first_half, freeze
+    from fasttricks.models import create_model
+    from fasttricks.recipes import ModelConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10)
+    freeze(model.net, first_half(model.net))
+    model.eval()  # batch norms on running statistics: a sample's loss does not depend on its batch
+    g = torch.Generator().manual_seed(1)
+    return model, torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def _stage():
+    from fasttricks.recipes import StageConfig
+
+    return StageConfig(batch_size=8, label_smoothing=0.0, optimizer={"name": "sgd", "lr": 0.5, "weight_decay": 0.0},
+                       adversarial={"norm": "linf", "eps": "8/255", "step_size": "4/255", "steps": 2,
+                                    "random_start": False})
+
+
+def reference_steps(out: str, steps: int = 3) -> None:
+    """One process, the whole batch: the weights at the start and after each step."""
+    from fasttricks.train import create_optimizer, training_step
+
+    model, images, labels = _model_and_batch()
+    stage = _stage()
+    optimizer = create_optimizer(model, stage.optimizer)
+    history = [{k: v.clone() for k, v in model.net.state_dict().items()}]
+    for _ in range(steps):
+        training_step(model, images, labels, optimizer, torch.nn.CrossEntropyLoss(), stage)
+        history.append({k: v.clone() for k, v in model.net.state_dict().items()})
+    torch.save(history, Path(out, "reference.pt"))
+
+
+def ddp_steps(rank: int, world: int, port: int, out: str, steps: int = 3) -> None:
+    """Each rank its half of the batch, DDP, the attack on the unwrapped module: weights after each
+    step, and how many gradient buckets were all-reduced in a plain step and in a PGD step."""
+    from fasttricks import distributed
+    from fasttricks.train import create_optimizer, training_step
+
+    _join(rank, world, port)
+    try:
+        model, images, labels = _model_and_batch()
+        half = slice(rank * 4, rank * 4 + 4)
+        images, labels = images[half], labels[half]
+        stage = _stage()
+        wrapped = distributed.wrap(model, torch.device("cpu"))
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(1)
+            return default_hooks.allreduce_hook(state, bucket)
+
+        wrapped.register_comm_hook(None, counting_hook)
+        optimizer = create_optimizer(model, stage.optimizer)
+        history, per_step = [], []
+        for _ in range(steps):
+            before = len(calls)
+            training_step(wrapped, images, labels, optimizer, torch.nn.CrossEntropyLoss(), stage, attack_model=model)
+            per_step.append(len(calls) - before)
+            state = {k: v.clone() for k, v in model.net.state_dict().items()}
+            gathered = [None] * world
+            dist.all_gather_object(gathered, state)
+            history.append(all(all(torch.equal(state[k], other[k]) for k in state) for other in gathered))
+        plain = copy.deepcopy(stage)
+        plain.adversarial = None
+        before = len(calls)
+        training_step(wrapped, images, labels, optimizer, torch.nn.CrossEntropyLoss(), plain, attack_model=model)
+        if rank == 0:
+            torch.save({"weights": state, "identical_after_each_step": history, "pgd_step_allreduces": per_step,
+                        "plain_step_allreduces": len(calls) - before}, Path(out, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()

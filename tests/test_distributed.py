@@ -1,0 +1,97 @@
+"""Two processes on the CPU (gloo): disjoint shards that cover the epoch; a DDP step on two
+half-batches equals one step on the whole batch, attack and frozen layers included, with one
+all-reduce pass per step; torchrun training writes from rank 0 only and resumes exactly."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import ddp_workers
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from fasttricks.recipes import PIPELINES
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_see_disjoint_samples_that_cover_the_epoch(toy_data, tmp_path):
+    mp.spawn(ddp_workers.loader_order, args=(2, _free_port(), str(toy_data / "train.beton"), str(tmp_path)),
+             nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    a, b = (set(r["order"]) for r in ranks)
+    assert not a & b and a | b == set(range(400))  # 400 images, 200 per rank
+    assert ranks[0]["images"] == ranks[1]["images"] == 200
+
+
+def test_a_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path):
+    ddp_workers.reference_steps(str(tmp_path))
+    mp.spawn(ddp_workers.ddp_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    initial, *_, reference = torch.load(tmp_path / "reference.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert all(ddp["identical_after_each_step"])
+    for k, v in reference.items():
+        torch.testing.assert_close(ddp["weights"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(ddp["weights"]["classifier.weight"], initial["classifier.weight"])  # it trained
+    assert torch.equal(ddp["weights"]["conv_stem.weight"], initial["conv_stem.weight"])  # frozen stayed
+    # PGD's two input-gradient passes trigger no all-reduce: the same bucket count as a plain step
+    assert ddp["plain_step_allreduces"] >= 1
+    assert ddp["pgd_step_allreduces"] == [ddp["plain_step_allreduces"]] * 3
+
+
+def _torchrun(data, out, *extra):
+    """The winner recipe, tiny: PGD stage, then frozen first half + augmentation + F-CutMix with
+    weight averaging, then FixRes and robust evaluation, on two CPU processes."""
+    sets = ["data.val_resize=48", "data.val_crop=40", "data.workers=1", "stages.0.epochs=1", "stages.1.epochs=2",
+            "stages.0.resolution={min: 32, max: 32}", "stages.1.resolution={min: 40, max: 40}",
+            "stages.1.average.last=2", "stages.1.average.bn_batches=2", "evaluation.attack.steps=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "fasttricks", "train", "--recipe", "winner", "--data", str(data),
+           "--override", str(PIPELINES / "overrides" / "toy-winner.yaml"), "--out", str(out),
+           *(a for kv in sets for a in ("--set", kv)), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "full"
+    _torchrun(toy_data, out)
+    return out
+
+
+def test_torchrun_training_writes_the_run_from_rank_zero_only(torchrun_run):
+    out = torchrun_run
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "environment.json",
+                                                    "final.safetensors", "fixres.csv", "fixres.png",
+                                                    "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["s0-e001", "s1-e001", "s1-e002",
+                                                                      "s1-e002-avg"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage_index"], r["epoch"], "averaged" in r) for r in rows] == [
+        (0, 1, False), (1, 1, False), (1, 2, False), (1, 2, True)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"val_top1", "val_clutter_top1", "val_robust_top1", "fixres", "test_crop"} <= summary.keys()
+    frozen_after_stage_1 = load_file(str(out / "checkpoints" / "s0-e001" / "model.safetensors"))
+    final = load_file(str(out / "final.safetensors"))
+    assert torch.equal(final["conv_stem.weight"], frozen_after_stage_1["conv_stem.weight"])
+    assert torch.equal(final["bn1.running_mean"], frozen_after_stage_1["bn1.running_mean"])
+
+
+def test_torchrun_resume_in_stage_two_ends_where_the_uninterrupted_run_ends(torchrun_run, toy_data, tmp_path):
+    _torchrun(toy_data, tmp_path / "r", "--stop-after", "2")
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["s0-e001", "s1-e001"]
+    _torchrun(toy_data, tmp_path / "r", "--resume")
+    a, b = load_file(str(torchrun_run / "final.safetensors")), load_file(str(tmp_path / "r" / "final.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "r" / "fixres.csv").read_text() == (torchrun_run / "fixres.csv").read_text()
