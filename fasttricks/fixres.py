@@ -105,7 +105,7 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
     else fixed. Crops cover at least (crop/resize)² of the image, so objects appear at about the
     size the test transform shows them."""
     from fasttricks.averaging import batch_norms
-    from fasttricks.data.loader import TrainLoader
+    from fasttricks.data.loader import TrainLoader, sample_indices
     from fasttricks.devices import autocast
 
     norms = batch_norms(net, frozen)
@@ -115,8 +115,11 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
     trainable = [*net.get_classifier().parameters(), *(p for m in norms for p in m.parameters())]
     for p in trainable:
         p.requires_grad_(True)
-    loader = TrainLoader(train_beton, batch_size=cfg.batch_size, resolution=crop, seed=seed, device=device,
-                         workers=workers, scale=((crop / resize) ** 2, 1.0))
+    # a subset just large enough for the steps: FFCV reads an epoch to its end, so a full
+    # ImageNet epoch would be decoded for 300 steps
+    indices = sample_indices(train_beton, cfg.steps * cfg.batch_size, seed)
+    loader = TrainLoader(train_beton, batch_size=min(cfg.batch_size, len(indices)), resolution=crop, seed=seed,
+                         device=device, workers=workers, scale=((crop / resize) ** 2, 1.0), indices=indices)
     optimizer = torch.optim.Adam(trainable, lr=cfg.lr)
     criterion = nn.CrossEntropyLoss()
     was_training = model.training
@@ -128,7 +131,7 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
         with progress_bar(f"FixRes fine-tuning @{crop}px", cfg.steps, enabled=show_progress) as advance:
             while step < cfg.steps:
                 for images, labels in loader.epoch(epoch, crop):
-                    if step < cfg.steps:  # the epoch is read to its end (FFCV's thread), not used past steps
+                    if step < cfg.steps:  # (a small set is read to the end of its last epoch)
                         with autocast(device):
                             loss = criterion(model(images), labels)
                         optimizer.zero_grad(set_to_none=True)

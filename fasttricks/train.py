@@ -101,7 +101,6 @@ class Run:
     train_model: nn.Module  # the model, or its torch.compile wrapper
     info: dict  # what final.safetensors records about the model
     val_loaders: dict
-    data_dir: Path
     train_beton: Path
     is_main: bool
     show_progress: bool
@@ -144,7 +143,7 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     starts = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     with _InterruptFlag() as interrupt:
         train_model = torch.compile(model) if recipe.model.compile else model
-        run = Run(recipe, out, device, model, train_model, info, loaders, Path(data_dir), paths["train"],
+        run = Run(recipe, out, device, model, train_model, info, loaders, paths["train"],
                   rank == 0, show_progress, interrupt, starts)
         position, state = _restore(run) if resume else (Position(0, 0), None)
         started = time.time()
