@@ -1,10 +1,20 @@
 """Heavy augmentation: each op does something at p=1 and nothing at p=0, stays in [0, 1], and a
 seed fixes the whole batch's augmentation."""
 
+import kornia.filters
+import kornia.geometry.transform as KG
 import pytest
 import torch
 
-from fasttricks.augment.heavy import HeavyAugmentation, brightness_contrast, gauss_noise, iso_noise, seeded
+from fasttricks.augment.heavy import (
+    HeavyAugmentation,
+    brightness_contrast,
+    elastic_field,
+    gauss_noise,
+    iso_noise,
+    resample,
+    seeded,
+)
 from fasttricks.recipes import AugmentConfig
 
 OPS = ["shift", "rotate", "elastic", "brightness_contrast", "motion_blur", "cutout", "gauss_noise", "iso_noise"]
@@ -57,6 +67,35 @@ def test_seeding_does_not_disturb_the_global_stream():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_one_resampling_equals_kornias_affine_warp():
+    x = _images()
+    b = x.shape[0]
+    centre = torch.tensor([[23.5, 23.5]]).expand(b, 2)
+    matrix = KG.get_rotation_matrix2d(centre, torch.linspace(-40, 40, b), torch.ones(b, 2))
+    matrix[..., 2] += torch.linspace(-3, 3, b)[:, None]
+    expected = KG.warp_affine(x, matrix, (48, 48), mode="bilinear", padding_mode="reflection", align_corners=True)
+    torch.testing.assert_close(resample(x, matrix), expected, atol=1e-5, rtol=0)
+
+
+def test_the_coarse_elastic_field_has_kornias_magnitude_and_smoothness():
+    torch.manual_seed(0)
+    b, size, sigma, alpha = 32, 224, 6.0, 1.0
+    ours = elastic_field(b, size, size, alpha, sigma, 33, torch.device("cpu"))
+    noise = torch.rand(b, 2, size, size) * 2 - 1  # Kornia's: full-resolution noise, then the blur
+    theirs = kornia.filters.gaussian_blur2d(noise, (33, 33), (sigma, sigma), border_type="constant") * alpha
+    theirs = theirs.permute(0, 2, 3, 1)
+    inner = (slice(None), slice(32, -32), slice(32, -32))  # away from the zero-padded borders
+    std_ours, std_theirs = ours[inner].std(), theirs[inner].std()
+    assert abs(std_ours / std_theirs - 1) < 0.15, (std_ours, std_theirs)
+
+    def correlation(field, lag):
+        a, c = field[:, 32:-32, 32:-32 - lag], field[:, 32:-32, 32 + lag:-32]
+        return ((a * c).mean() / (a * a).mean()).item()
+
+    for lag in (3, 6, 12):  # as smooth: the same correlation at the same distance in pixels
+        assert abs(correlation(ours, lag) - correlation(theirs, lag)) < 0.1, lag
+
+
 def test_brightness_contrast_is_albumentations_affine_map():
     x = torch.full((4, 3, 8, 8), 0.5)
     torch.manual_seed(0)
@@ -85,7 +124,7 @@ def test_iso_noise_only_brightens_and_keeps_gray_images_nearly_gray():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["elastic", "motion_blur", "cutout"])
+@pytest.mark.parametrize("op", ["motion_blur", "cutout"])
 def test_cuda_kornia_ops_match_the_cpu_given_the_same_parameters(op):
     x = _images()
     module = HeavyAugmentation(AugmentConfig()).kornia[op]
@@ -101,7 +140,7 @@ def test_cuda_kornia_ops_match_the_cpu_given_the_same_parameters(op):
 @pytest.mark.gpu
 def test_cuda_batched_ops_stay_in_range_and_match_in_distribution():
     x = _images(n=64)
-    for op in ("shift", "rotate", "brightness_contrast", "gauss_noise", "iso_noise"):
+    for op in ("shift", "rotate", "elastic", "brightness_contrast", "gauss_noise", "iso_noise"):
         cfg = _only(op, 1.0)
         with seeded(0, CPU):
             cpu = HeavyAugmentation(cfg)(x)

@@ -3,10 +3,15 @@ deformation, brightness and contrast, motion blur, cutout, Gaussian noise and IS
 with its own per-image probability and per-image parameters (albumentations 1.x semantics and
 defaults, as the paper used). Images are float in [0, 1] in and out.
 
-Kornia does the geometry (affine, rotation, elastic, motion blur) and cutout. Brightness/contrast
-and the two noises are written here as a few batched tensor ops, because Kornia's versions differ
-from albumentations' (its RandomBrightness adds a different quantity, its RandomGaussianNoise has
-one fixed std and does not clamp) and ISO noise is not in Kornia. Per-image gating of our ops is
+Kornia does motion blur and cutout, and the geometry's building blocks. Shift, rotation and
+elastic deformation are one resampling of the image: one sampling grid (Kornia's affine
+normalisation plus an elastic displacement field) and one ``grid_sample``, instead of Kornia's two
+warps; the displacement field is drawn on a grid 4x coarser than the image (it is smooth at the
+scale of sigma anyway), which makes its Gaussian smoothing 16x cheaper than Kornia's
+full-resolution one — elastic was the costliest op on the GPU (benchmarks/augment_throughput.py).
+Brightness/contrast and the two noises are written here as a few batched tensor ops, because
+Kornia's versions differ from albumentations' (its RandomBrightness adds a different quantity, its
+RandomGaussianNoise has one fixed std and does not clamp) and ISO noise is not in Kornia. Per-image gating of our ops is
 a ``torch.where`` on a per-image coin: no Python loop over samples, no host sync.
 
 Randomness: all draws come from torch's RNG; the caller seeds it per step (``seeded``), so a batch's
@@ -21,8 +26,11 @@ from contextlib import contextmanager
 
 import kornia.augmentation as K
 import kornia.color
+import kornia.filters
+import kornia.geometry.conversions as KC
 import kornia.geometry.transform as KG
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fasttricks.recipes import AugmentConfig
@@ -69,6 +77,33 @@ def iso_noise(x: torch.Tensor, p: float, color_shift: tuple[float, float],
     return torch.where(_coin(x, p), out, x)
 
 
+def elastic_field(b: int, h: int, w: int, alpha: float, sigma: float, kernel_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """(B, H, W, 2) displacements in normalised coordinates with the statistics of Kornia's
+    elastic transform (U(-1, 1) noise, Gaussian-smoothed with ``sigma`` pixels, times ``alpha``),
+    drawn on a grid f = ⌊sigma / 1.5⌋ times coarser and upsampled bilinearly. Smoothing n x n
+    white noise over s pixels leaves a std proportional to 1/s; on the coarse grid s is sigma/f,
+    hence the division by f."""
+    f = max(1, int(sigma // 1.5))
+    coarse = torch.empty(b, 2, -(-h // f), -(-w // f), device=device).uniform_(-1, 1)
+    k = max(3, (kernel_size // f) | 1)
+    field = kornia.filters.gaussian_blur2d(coarse, (k, k), (sigma / f, sigma / f), border_type="constant")
+    field = F.interpolate(field * (alpha / f), size=(h, w), mode="bilinear", align_corners=False)
+    return field.permute(0, 2, 3, 1)
+
+
+def resample(x: torch.Tensor, matrix: torch.Tensor, field: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` warped by the (B, 2, 3) pixel affine ``matrix`` (source to output, as Kornia's
+    ``warp_affine`` takes it), its sampling grid displaced by ``field`` (normalised coordinates),
+    in one ``grid_sample``; borders reflected."""
+    b, c, h, w = x.shape
+    norm = KC.normalize_homography(KC.convert_affinematrix_to_homography(matrix), (h, w), (h, w))
+    grid = F.affine_grid(torch.linalg.inv(norm)[:, :2], [b, c, h, w], align_corners=True)
+    if field is not None:
+        grid = grid + field
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+
+
 class HeavyAugmentation(nn.Module):
     """The whole heavy augmentation as one module; move it ``.to(device)`` with the batch (Kornia
     samples its parameters where the module lives)."""
@@ -76,11 +111,8 @@ class HeavyAugmentation(nn.Module):
     def __init__(self, cfg: AugmentConfig):
         super().__init__()
         self.cfg = cfg
-        el, mb, co = cfg.elastic, cfg.motion_blur, cfg.cutout
+        mb, co = cfg.motion_blur, cfg.cutout
         self.kornia = nn.ModuleDict({
-            "elastic": K.RandomElasticTransform(kernel_size=(el.kernel_size, el.kernel_size),
-                                                sigma=(el.sigma, el.sigma), alpha=(el.alpha, el.alpha),
-                                                padding_mode="reflection", p=el.p),
             "motion_blur": K.RandomMotionBlur(kernel_size=mb.kernel, angle=(-180.0, 180.0), direction=(-1.0, 1.0),
                                               border_type="reflect", p=mb.p),
             "cutout": K.RandomErasing(scale=co.scale, ratio=co.ratio, value=0.0, p=co.p),
@@ -89,8 +121,7 @@ class HeavyAugmentation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        x = self._shift_rotate(x)
-        x = self._kornia("elastic", x)
+        x = self._geometry(x)
         if c.brightness_contrast.p > 0:
             x = brightness_contrast(x, c.brightness_contrast.p, c.brightness_contrast.brightness,
                                     c.brightness_contrast.contrast)
@@ -102,24 +133,27 @@ class HeavyAugmentation(nn.Module):
             x = iso_noise(x, c.iso_noise.p, c.iso_noise.color_shift, c.iso_noise.intensity)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    def _shift_rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Shift and rotation in one warp (as albumentations' ShiftScaleRotate), each with its own
-        coin; borders reflected, as its default BORDER_REFLECT_101 (black corners would be a cue
-        no test image has). Kornia's geometry functions with our parameters: its RandomAffine
-        samples them on the CPU whatever the device, and two of them cost two warps."""
-        shift_cfg, rotate_cfg = self.cfg.shift, self.cfg.rotate
-        if shift_cfg.p == 0 and rotate_cfg.p == 0:
+    def _geometry(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift, rotation (as albumentations' ShiftScaleRotate) and elastic deformation, each with
+        its own coin, as one resampling; borders reflected, as albumentations' default
+        BORDER_REFLECT_101 (black corners would be a cue no test image has). The elastic field is
+        added to the affine grid rather than composed with it: an isotropic random field rotated is
+        the same random field."""
+        sh, ro, el = self.cfg.shift, self.cfg.rotate, self.cfg.elastic
+        if sh.p == 0 and ro.p == 0 and el.p == 0:
             return x
         b, _, h, w = x.shape
-        shift, rotate = _coin(x, shift_cfg.p).flatten(), _coin(x, rotate_cfg.p).flatten()
-        angle = torch.empty(b, device=x.device).uniform_(-rotate_cfg.limit, rotate_cfg.limit) * rotate
-        offset = (torch.empty(b, 2, device=x.device).uniform_(-shift_cfg.limit, shift_cfg.limit)
-                  * torch.tensor([w, h], device=x.device) * shift[:, None])
-        centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=x.device).expand(b, 2)
-        matrix = KG.get_rotation_matrix2d(centre, angle, torch.ones(b, 2, device=x.device))
-        matrix = torch.cat([matrix[..., :2], matrix[..., 2:] + offset[..., None]], dim=-1)
-        out = KG.warp_affine(x, matrix, (h, w), mode="bilinear", padding_mode="reflection", align_corners=True)
-        return torch.where((shift | rotate).view(-1, 1, 1, 1), out.clamp_(0, 1), x)
+        dev = x.device
+        shift, rotate, elastic = (_coin(x, op.p).flatten() for op in (sh, ro, el))
+        angle = torch.empty(b, device=dev).uniform_(-ro.limit, ro.limit) * rotate
+        offset = torch.empty(b, 2, device=dev).uniform_(-sh.limit, sh.limit) * torch.tensor([w, h], device=dev)
+        centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=dev).expand(b, 2)
+        matrix = KG.get_rotation_matrix2d(centre, angle, torch.ones(b, 2, device=dev))
+        matrix = torch.cat([matrix[..., :2], matrix[..., 2:] + (offset * shift[:, None])[..., None]], dim=-1)
+        field = (elastic_field(b, h, w, el.alpha, el.sigma, el.kernel_size, dev) * elastic.view(-1, 1, 1, 1)
+                 if el.p > 0 else None)
+        out = resample(x, matrix, field)
+        return torch.where((shift | rotate | elastic).view(-1, 1, 1, 1), out.clamp_(0, 1), x)
 
     def _kornia(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # An op is computed on the whole batch and blended by the per-image coin (as Kornia
