@@ -9,12 +9,14 @@ Rules, and why:
 - The PGD attack runs on the unwrapped module: its ``torch.autograd.grad`` asks for input
   gradients only, so DDP's parameter hooks never fire during the attack and the step all-reduces
   each gradient bucket once (DDP does not support ``autograd.grad`` through the wrapper).
-- Rank 0 alone writes the run folder and evaluates; averaging is computed by every rank from the
-  same checkpoint files (and the same calibration batches), then rank 0's weights are broadcast.
+- Rank 0 alone writes the run folder and evaluates (the others wait, hence a long collective
+  timeout); averaging is computed by every rank from the same checkpoint files (and the same
+  calibration batches), then rank 0's weights are broadcast.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from contextlib import contextmanager
 
@@ -49,7 +51,11 @@ def process_group(device: torch.device | None):
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # Rank 0 evaluates alone (per epoch, and the FixRes sweep + robust evaluation at the end, which
+    # take many minutes on ImageNet) while the others wait in a collective: NCCL's default 10-minute
+    # timeout would abort them. FASTTRICKS_DIST_TIMEOUT_MIN sets it (default 180).
+    minutes = float(os.environ.get("FASTTRICKS_DIST_TIMEOUT_MIN", "180"))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
     try:
         yield device
     finally:
