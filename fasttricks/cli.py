@@ -53,6 +53,8 @@ def make_toy_cmd(
     out: Annotated[Path, typer.Argument(help="folder to write train/, val/, val_clutter/ into")],
     seed: int = 0, size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
     train_per_class: int = 160, val_per_class: int = 30, clutter_per_class: int = 30,
+    train_photo_backgrounds: Annotated[float, typer.Option(
+        help="share of training images on photographs (a variant; the default set has none)")] = 0.0,
     overwrite: bool = False,
 ):
     """Generate the toy "objects on backgrounds" set as ImageFolders (same seed, same files)."""
@@ -60,7 +62,9 @@ def make_toy_cmd(
 
     if size < 16:
         raise ValueError(f"--size must be at least 16 pixels, not {size}")
-    opts = ToyOptions(seed, size, train_per_class, val_per_class, clutter_per_class)
+    if not 0 <= train_photo_backgrounds <= 1:
+        raise ValueError(f"--train-photo-backgrounds is a share in [0, 1], not {train_photo_backgrounds}")
+    opts = ToyOptions(seed, size, train_per_class, val_per_class, clutter_per_class, train_photo_backgrounds)
     console.print(f"wrote {make_toy(out, opts, overwrite=overwrite)}")
 
 

@@ -66,3 +66,18 @@ def test_existing_output_needs_overwrite_and_failures_leave_nothing(tmp_path, mo
         make_toy(tmp_path / "broken", TINY, show_progress=False)
     assert not (tmp_path / "broken").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temporary folder left behind
+
+
+def test_the_photo_background_variant_changes_only_the_training_backgrounds_it_draws():
+    plain, variant = ToyOptions(size=32), ToyOptions(size=32, train_photo_backgrounds=0.5)
+    assert plain.key() == "toy-seed0-size32-train_per_class160-val_per_class30-clutter_per_class30"
+    assert variant.key() != plain.key()
+    for split in ("val", "val_clutter"):
+        assert all(np.array_equal(render(i % 10, split, i, plain), render(i % 10, split, i, variant))
+                   for i in range(10))
+    changed = [not np.array_equal(render(i % 10, "train", i, plain), render(i % 10, "train", i, variant))
+               for i in range(60)]
+    assert 15 < sum(changed) < 45  # about half
+    # the object is still drawn where the mask says, on whatever background
+    img, mask = render(3, "train", next(i for i, c in enumerate(changed) if c), variant, with_mask=True)
+    assert img.shape == (32, 32, 3) and mask.max() > 0.9

@@ -42,13 +42,17 @@ class ToyOptions:
     train_per_class: int = 160
     val_per_class: int = 30
     clutter_per_class: int = 30
+    # share of training images drawn on photographs instead of gradients: a variant for asking
+    # whether unseen backgrounds are what keeps val_clutter at chance (0: the default set)
+    train_photo_backgrounds: float = 0.0
 
     def counts(self) -> dict[str, int]:
         return {"train": self.train_per_class, "val": self.val_per_class,
                 "val_clutter": self.clutter_per_class}
 
     def key(self) -> str:
-        return "toy-" + "-".join(f"{k}{v}" for k, v in asdict(self).items())
+        fields = {k: v for k, v in asdict(self).items() if k != "train_photo_backgrounds" or v}
+        return "toy-" + "-".join(f"{k}{v}" for k, v in fields.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +181,10 @@ def render(label: int, split: str, index: int, opts: ToyOptions, with_mask: bool
     big = opts.size * SUPERSAMPLE
     clutter = split == "val_clutter"
     bg = _photo_background(rng, big) if clutter else _plain_background(rng, big)
+    if split == "train" and opts.train_photo_backgrounds > 0:  # own stream: the default set is unchanged
+        photo_rng = np.random.default_rng([opts.seed, SPLITS[split], index, 1])
+        if photo_rng.uniform() < opts.train_photo_backgrounds:
+            bg = _photo_background(photo_rng, big)
     if clutter:  # small, any angle, anywhere fully inside
         r = rng.uniform(0.11, 0.2) * big
         cx, cy = rng.uniform(r, big - r, 2)
