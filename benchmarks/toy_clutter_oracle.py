@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from fasttricks.data.beton import BetonOptions, build_beton
-from fasttricks.data.sources import resolve_data
+from fasttricks.data.sources import ensure_toy_data
 from fasttricks.data.toy import CLASSES, ToyOptions, render
 from fasttricks.recipes import PIPELINES, load_recipe
 from fasttricks.train import train
@@ -33,18 +33,18 @@ from common import RESULTS, machine, machine_tag  # noqa: E402
 FIRST_INDEX = 100_000  # val_clutter uses indices 0..299
 
 
-def clutter_training_set(root: Path, per_class: int) -> Path:
-    """train.beton of clutter-style images, with the default toy set's val and val_clutter beside it."""
+def clutter_training_set(root: Path, per_class: int, opts: ToyOptions) -> Path:
+    """train.beton of clutter-style images, with the toy set's val and val_clutter beside it."""
     images = root / "images"
     for label, name in enumerate(CLASSES):
         (images / name).mkdir(parents=True)
         for k in range(per_class):
-            img = render(label, "val_clutter", FIRST_INDEX + label * per_class + k, ToyOptions())
+            img = render(label, "val_clutter", FIRST_INDEX + label * per_class + k, opts)
             Image.fromarray(img).save(images / name / f"{k:05d}.png")
     data = root / "data"
     data.mkdir()
     build_beton(images, data / "train.beton", BetonOptions(workers=0))
-    toy = resolve_data("toy")
+    toy = ensure_toy_data(opts, show_progress=False)
     for split in ("val", "val_clutter"):
         for suffix in (".beton", ".beton.json"):
             shutil.copy(toy / f"{split}{suffix}", data / f"{split}{suffix}")
@@ -54,11 +54,14 @@ def clutter_training_set(root: Path, per_class: int) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-class", type=int, default=160)
+    p.add_argument("--clutter-radius", type=float, nargs=2, default=(0.11, 0.2),
+                   help="the clutter objects' radius range (fraction of the side); the default set's by default")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        data = clutter_training_set(Path(tmp), args.per_class)
+        opts = ToyOptions(clutter_radius=tuple(args.clutter_radius))
+        data = clutter_training_set(Path(tmp), args.per_class, opts)
         for name, scale in (("crop_scale_0.08_1", "[0.08, 1.0]"), ("crop_scale_0.64_1", "[0.64, 1.0]")):
             recipe = load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"], [f"data.crop_scale={scale}"])
             summary = train(recipe, data, Path(tmp) / name, show_progress=False)
@@ -67,9 +70,11 @@ def main() -> None:
     import torch
 
     result = {"question": "val/val_clutter top-1 of the toy baseline trained on clutter-style images",
-              "settings": {"per_class": args.per_class, "recipe": "baseline + overrides/toy.yaml"},
+              "settings": {"per_class": args.per_class, "clutter_radius": list(args.clutter_radius),
+                           "recipe": "baseline + overrides/toy.yaml"},
               "results": rows, "chance_top1": 10.0, "machine": machine(torch.device("cpu"))}
-    out = args.out or RESULTS / f"toy_clutter_oracle-{machine_tag(torch.device('cpu'))}.json"
+    variant = "" if opts == ToyOptions() else f"-radius{args.clutter_radius[0]}-{args.clutter_radius[1]}"
+    out = args.out or RESULTS / f"toy_clutter_oracle{variant}-{machine_tag(torch.device('cpu'))}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

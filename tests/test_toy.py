@@ -81,3 +81,13 @@ def test_the_photo_background_variant_changes_only_the_training_backgrounds_it_d
     # the object is still drawn where the mask says, on whatever background
     img, mask = render(3, "train", next(i for i, c in enumerate(changed) if c), variant, with_mask=True)
     assert img.shape == (32, 32, 3) and mask.max() > 0.9
+
+
+def test_the_larger_clutter_variant_draws_larger_objects_and_keeps_train_and_val():
+    plain, big = ToyOptions(size=32), ToyOptions(size=32, clutter_radius=(0.2, 0.3))
+    assert big.key().endswith("-clutter_radius0.2-0.3") and "clutter_radius" not in plain.key()
+    for split in ("train", "val"):
+        assert np.array_equal(render(1, split, 5, plain), render(1, split, 5, big))
+    area = lambda opts: np.mean([render(1, "val_clutter", i, opts, with_mask=True)[1].mean()  # noqa: E731
+                                 for i in range(20)])
+    assert area(big) > 2 * area(plain)  # (0.25 / 0.155)² ≈ 2.6 on average

@@ -45,14 +45,22 @@ class ToyOptions:
     # share of training images drawn on photographs instead of gradients: a variant for asking
     # whether unseen backgrounds are what keeps val_clutter at chance (0: the default set)
     train_photo_backgrounds: float = 0.0
+    # the clutter objects' radius range, as a fraction of the image side (a variant for asking
+    # whether larger clutter objects make the task learnable)
+    clutter_radius: tuple[float, float] = (0.11, 0.2)
 
     def counts(self) -> dict[str, int]:
         return {"train": self.train_per_class, "val": self.val_per_class,
                 "val_clutter": self.clutter_per_class}
 
     def key(self) -> str:
-        fields = {k: v for k, v in asdict(self).items() if k != "train_photo_backgrounds" or v}
-        return "toy-" + "-".join(f"{k}{v}" for k, v in fields.items())
+        """The cache folder's name; the variants' fields appear only when they differ from the
+        default set (so the default set keeps its name)."""
+        default = ToyOptions()
+        fields = {k: v for k, v in asdict(self).items()
+                  if k not in ("train_photo_backgrounds", "clutter_radius") or v != getattr(default, k)}
+        return "toy-" + "-".join(f"{k}{'-'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                 for k, v in fields.items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +194,7 @@ def render(label: int, split: str, index: int, opts: ToyOptions, with_mask: bool
         if photo_rng.uniform() < opts.train_photo_backgrounds:
             bg = _photo_background(photo_rng, big)
     if clutter:  # small, any angle, anywhere fully inside
-        r = rng.uniform(0.11, 0.2) * big
+        r = rng.uniform(*opts.clutter_radius) * big
         cx, cy = rng.uniform(r, big - r, 2)
         angle = rng.uniform(0, 2 * math.pi)
     else:  # large, nearly upright, centred with a little jitter
