@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from fasttricks import recipes
+from fasttricks.adversarial import describe_eps
 from fasttricks.atomic import write_json, write_text
 from fasttricks.progress import console
 from fasttricks.recipes import Recipe
@@ -41,8 +42,7 @@ def tricks(recipe: Recipe) -> dict[str, str]:
     adv = next((s.adversarial for s in recipe.stages if s.adversarial is not None), None)
     adversarial = ""
     if adv is not None:
-        eps = f"{adv.eps * 255:.3g}/255" if adv.norm == "linf" else f"{adv.eps:.3g}"
-        adversarial = f"{'L∞' if adv.norm == 'linf' else 'L2'} ε={eps}"
+        adversarial = f"{'L∞' if adv.norm == 'linf' else 'L2'} ε={describe_eps(adv)}"
     tick = "✓"
     return {
         "Adversarial": adversarial,

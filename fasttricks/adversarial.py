@@ -95,6 +95,11 @@ def attack_generator(device: torch.device, seed: int, epoch: int, step: int, ran
     return g
 
 
+def describe_eps(cfg: AdversarialConfig) -> str:
+    """ε as people write it: ``8/255`` for L∞ (pixel levels), ``3`` for L2."""
+    return f"{cfg.eps * 255:.4g}/255" if cfg.norm == "linf" else f"{cfg.eps:.4g}"
+
+
 def parse_attack(spec: str) -> AdversarialConfig:
     """``norm:eps:steps`` (e.g. ``linf:8/255:20``, ``l2:3.0:20``) with step size 2.5·ε/steps
     (Madry et al.'s rule), random start, as the evaluation standard uses."""

@@ -61,6 +61,17 @@ def evaluate_splits(model: nn.Module, loaders: dict[str, ValLoader], device: tor
     return results
 
 
+def as_row(results: dict[str, dict]) -> dict:
+    """``evaluate_splits``' results as flat metrics: ``val_top1``, ``val_top5``, and
+    ``val_robust_top1`` when there was an attack (likewise for every split)."""
+    row = {}
+    for split, m in results.items():
+        row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
+        if "robust_top1" in m:
+            row[f"{split}_robust_top1"] = m["robust_top1"]
+    return row
+
+
 def load_classifier(weights: str | os.PathLike, device: torch.device) -> tuple[Classifier, dict]:
     """A saved fasttricks model (``final.safetensors`` or a checkpoint's ``model.safetensors``)."""
     info = read_info(weights)

@@ -21,7 +21,7 @@ from torch import nn
 from fasttricks.atomic import atomic_path, write_json, write_text
 from fasttricks.checkpoint import update_info
 from fasttricks.data.loader import ValLoader
-from fasttricks.evaluate import evaluate_splits, val_loaders
+from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import FixResFineTuneConfig
 
@@ -48,10 +48,7 @@ def sweep(model: nn.Module, loaders: dict[str, ValLoader], crops: list[int], *, 
             resize = round(crop / ratio)
             for loader in loaders.values():
                 loader.set_size(resize, crop)
-            row = {"crop": crop, "resize": resize}
-            for split, m in evaluate_splits(model, loaders, device).items():
-                row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
-            rows.append(row)
+            rows.append({"crop": crop, "resize": resize, **as_row(evaluate_splits(model, loaders, device))})
             advance(1)
     return rows
 
@@ -148,8 +145,27 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
             p.requires_grad_(saved[n])
 
 
+def choose(model: nn.Module, loaders: dict[str, ValLoader], crops: list[int], *, ratio: float,
+           device: torch.device, out_dir: Path, train_crop: int | None, title: str,
+           show_progress: bool = True) -> tuple[list[dict], dict]:
+    """Sweep, pick the best size, write ``fixres.csv`` / ``fixres.png`` into ``out_dir`` and say
+    which size won; returns (curve, chosen row)."""
+    rows = sweep(model, loaders, crops, ratio=ratio, device=device, show_progress=show_progress)
+    chosen = best(rows)
+    write_curve(rows, chosen, out_dir, train_crop=train_crop, title=title)
+    if show_progress:
+        console.print(f"FixRes: best test size crop {chosen['crop']} / resize {chosen['resize']} "
+                      f"(val top-1 {chosen['val_top1']:.2f}%; {out_dir / PNG_NAME})")
+    return rows, chosen
+
+
 def choice(row: dict) -> dict:
     return {k: row[k] for k in ("crop", "resize", "val_top1", "val_clutter_top1") if k in row}
+
+
+def summary_fields(chosen: dict) -> dict:
+    """What a run's ``summary.json`` records of the choice."""
+    return {"fixres": choice(chosen), "test_crop": chosen["crop"], "test_resize": chosen["resize"]}
 
 
 def test_size_info(info: dict, chosen: dict) -> dict:
@@ -171,19 +187,17 @@ def fixres_command(weights: Path, data_dir: Path, *, crops: list[int] | None, ba
     train_resize = info.get("train_val_resize", info["val_resize"])
     loaders = val_loaders(data_dir, resize=train_resize, crop=train_crop, batch_size=batch_size, device=device,
                           workers=workers)
-    rows = sweep(model, loaders, crops or default_sizes(train_crop), ratio=train_crop / train_resize, device=device)
-    chosen = best(rows)
     out_dir = out_dir or weights.parent
-    csv_path, png_path = write_curve(rows, chosen, out_dir, train_crop=info.get("train_resolution"),
-                                     title=f"FixRes: {weights.name}")
-    result = {"weights": str(weights), "best": chosen, "curve": rows, "csv": str(csv_path), "png": str(png_path)}
+    rows, chosen = choose(model, loaders, crops or default_sizes(train_crop), ratio=train_crop / train_resize,
+                          device=device, out_dir=out_dir, train_crop=info.get("train_resolution"),
+                          title=f"FixRes: {weights.name}")
+    result = {"weights": str(weights), "best": chosen, "curve": rows, "csv": str(out_dir / CSV_NAME),
+              "png": str(out_dir / PNG_NAME)}
     summary = weights.parent / "summary.json"
     if summary.is_file() and weights.name == "final.safetensors":  # a run's model: record the choice
         update_info(weights, test_size_info(info, chosen))
         data = json.loads(summary.read_text())
-        data.update(fixres=choice(chosen), test_crop=chosen["crop"], test_resize=chosen["resize"])
+        data.update(summary_fields(chosen))
         write_json(summary, data)
         result["summary"] = str(summary)
-    console.print(f"best test size: crop {chosen['crop']} / resize {chosen['resize']} "
-                  f"(val top-1 {chosen['val_top1']:.2f}%)")
     return result

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fasttricks import distributed, fixres, freezing, runs
-from fasttricks.adversarial import attack_generator, pgd
+from fasttricks.adversarial import attack_generator, describe_eps, pgd
 from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
 from fasttricks.augment.mixing import mix
 from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
@@ -29,7 +29,7 @@ from fasttricks.data.beton import read_manifest
 from fasttricks.data.loader import TrainLoader, beton_paths
 from fasttricks.devices import autocast, default_device
 from fasttricks.distributed import dist_info
-from fasttricks.evaluate import accuracy, evaluate_splits, val_loaders
+from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
 from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import OptimizerConfig, Recipe, StageConfig
@@ -231,9 +231,7 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
     distributed.broadcast_weights(run.model.net)  # identical on every rank to the last bit
     row = {"stage": stage.name, "stage_index": s, "epoch": stage.epochs, "averaged": how, "resolution": res}
     if run.is_main:
-        for split, loader in run.val_loaders.items():
-            m = accuracy(run.model, loader, run.device)
-            row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
+        row.update(as_row(evaluate_splits(run.model, run.val_loaders, run.device)))
         runs.append_metrics(run.out, row)
         if run.show_progress:
             console.print(f"{stage.name}: weights averaged ({how}) · " + _describe_accuracy(row))
@@ -307,13 +305,11 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                                   f"saved {path}. Continue with --resume.")
     seconds += time.perf_counter() - tic
     run.info["train_resolution"] = res
-    metrics = ({split: accuracy(run.model, loader_, device) for split, loader_ in run.val_loaders.items()}
-               if run.is_main else {})  # evaluation: rank 0 alone (the others wait in the next all-reduce)
     row = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
            "resolution": res, "train_loss": loss_sum.item() / max(done, 1),
            "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2)}
-    for split, m in metrics.items():
-        row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
+    if run.is_main:  # evaluation: rank 0 alone (the others wait in the next all-reduce)
+        row.update(as_row(evaluate_splits(run.model, run.val_loaders, device)))
     if run.is_main and run.show_progress:
         console.print(_describe_row(row))
     return row
@@ -416,35 +412,24 @@ def _fixres(run: Run) -> dict:
     """Sweep the test size, write the curve, optionally fine-tune at the best size; the model's
     info then names that size (eval and export read it)."""
     cfg, data = run.recipe.fixres, run.recipe.data
-    sizes = cfg.sizes or fixres.default_sizes(data.val_crop)
-    rows = fixres.sweep(run.model, run.val_loaders, sizes, ratio=data.val_crop / data.val_resize, device=run.device,
-                        show_progress=run.show_progress)
-    chosen = fixres.best(rows)
-    fixres.write_curve(rows, chosen, run.out, train_crop=run.info.get("train_resolution"),
-                       title=f"FixRes: {run.recipe.name}")
-    if run.show_progress:
-        console.print(f"FixRes: best test size crop {chosen['crop']} / resize {chosen['resize']} "
-                      f"(val top-1 {chosen['val_top1']:.1f}%; {fixres.PNG_NAME})")
+    _, chosen = fixres.choose(run.model, run.val_loaders, cfg.sizes or fixres.default_sizes(data.val_crop),
+                              ratio=data.val_crop / data.val_resize, device=run.device, out_dir=run.out,
+                              train_crop=run.info.get("train_resolution"), title=f"FixRes: {run.recipe.name}",
+                              show_progress=run.show_progress)
     if cfg.finetune is not None:
         fixres.finetune(run.model, run.model.net, run.train_beton, crop=chosen["crop"], resize=chosen["resize"],
                         cfg=cfg.finetune, seed=run.recipe.seed, device=run.device, workers=data.workers,
                         frozen=run.info.get("frozen", []), show_progress=run.show_progress)
     run.info.update(fixres.test_size_info(run.info, chosen))
-    return {"fixres": fixres.choice(chosen), "test_crop": chosen["crop"], "test_resize": chosen["resize"]}
+    return fixres.summary_fields(chosen)
 
 
 def _final_accuracy(run: Run, resize: int, crop: int, attack) -> dict:
     for loader in run.val_loaders.values():
         loader.set_size(resize, crop)
-    results = evaluate_splits(run.model, run.val_loaders, run.device, attack)
-    out = {}
-    for split, m in results.items():
-        out[f"{split}_top1"], out[f"{split}_top5"] = m["top1"], m["top5"]
-        if "robust_top1" in m:
-            out[f"{split}_robust_top1"] = m["robust_top1"]
+    out = as_row(evaluate_splits(run.model, run.val_loaders, run.device, attack))
     if attack is not None:
-        eps = f"{attack.eps * 255:.4g}/255" if attack.norm == "linf" else f"{attack.eps:.4g}"
-        out["robust_attack"] = f"{attack.norm}:{eps}:{attack.steps}"
+        out["robust_attack"] = f"{attack.norm}:{describe_eps(attack)}:{attack.steps}"
     return out
 
 

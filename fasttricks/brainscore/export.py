@@ -60,6 +60,11 @@ def identifier_for(info: dict, run_name: str, resize: int, crop: int, given: str
     return name if name.endswith(suffix) else f"{name}-{suffix}"
 
 
+def run_folder(source: Path) -> Path:
+    """The folder a run, checkpoint folder or weights file belongs to (named in identifiers)."""
+    return source if source.is_dir() else source.parent
+
+
 def parse_regions(pairs: list[str], layers: list[str]) -> dict[str, str]:
     """``V1=blocks.3.0`` pairs as a region→layer map, checked against the regions Brain-Score scores
     and the exported layers."""
@@ -97,8 +102,7 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
     net = _network(info)
     layers = candidate_layers(net)
     resize, crop = info["val_resize"], info["val_crop"]  # FixRes' choice when the run made one
-    run_name = (source if source.is_dir() else source.parent).resolve().name
-    name = identifier_for(info, run_name, resize, crop, identifier)
+    name = identifier_for(info, run_folder(source).resolve().name, resize, crop, identifier)
     config = {"identifier": name, "arch": info["arch"], "num_classes": info["num_classes"], "weights": WEIGHTS_NAME,
               "weights_sha1": sha1(weights), "resize": resize, "crop": crop, "mean": info["mean"], "std": info["std"],
               "layers": layers, "behavioral_readout_layer": READOUT, "batch_size": 64,

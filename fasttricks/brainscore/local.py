@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fasttricks.atomic import atomic_path, write_json
-from fasttricks.brainscore.export import ExportError, export, find_weights, identifier_for, sha1
+from fasttricks.brainscore.export import ExportError, export, find_weights, identifier_for, run_folder, sha1
 from fasttricks.checkpoint import read_info
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -34,7 +34,7 @@ def plugin_for(source: Path) -> Path:
         return source
     weights, _ = find_weights(source)
     info = read_info(weights)
-    run = source if source.is_dir() else source.parent
+    run = run_folder(source)
     name = identifier_for(info, run.resolve().name, info["val_resize"], info["val_crop"])
     folder = run / "brainscore" / name
     config = folder / "model.json"
