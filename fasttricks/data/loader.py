@@ -103,27 +103,18 @@ class ValLoader:
 
     def __init__(self, beton: str | os.PathLike, *, batch_size: int, resize: int, crop: int,
                  device: torch.device, workers: int = 0, distributed: bool = False):
-        _check_size(resize, crop)
-        self.resize, self.crop = resize, crop
-        self.decoder = CentreCropDecoder(resize, crop)
+        self.decoder = CentreCropDecoder(resize, crop)  # checks the size
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
                              order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
                              pipelines={"image": [self.decoder, *_to_device(device)],
                                         "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
 
     def set_size(self, resize: int, crop: int) -> None:
-        _check_size(resize, crop)
-        self.resize, self.crop = resize, crop
         self.decoder.set_size(resize, crop)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
             yield _to_float(images), labels.to(torch.long, copy=True)
-
-
-def _check_size(resize: int, crop: int) -> None:
-    if crop > resize:
-        raise ValueError(f"the validation crop ({crop}) cannot exceed the resize ({resize})")
 
 
 
