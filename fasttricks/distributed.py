@@ -58,6 +58,7 @@ def process_group(device: torch.device | None):
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
     try:
         yield device
+        dist.barrier()  # all ranks done talking before any tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 

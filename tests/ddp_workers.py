@@ -29,6 +29,7 @@ def loader_order(rank: int, world: int, port: int, beton: str, out: str) -> None
         order = loader.order.sample_order(3).tolist()
         images = sum(x.shape[0] for x, _ in loader.epoch(3, 32))
         Path(out, f"rank{rank}.json").write_text(json.dumps({"order": order, "images": images}))
+        dist.barrier()  # both done talking before either tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -105,5 +106,6 @@ def ddp_steps(rank: int, world: int, port: int, out: str, steps: int = 3) -> Non
         if rank == 0:
             torch.save({"weights": state, "identical_after_each_step": history, "pgd_step_allreduces": per_step,
                         "plain_step_allreduces": len(calls) - before}, Path(out, "ddp.pt"))
+        dist.barrier()  # both done talking before either tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
