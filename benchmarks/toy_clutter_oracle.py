@@ -30,7 +30,7 @@ from fasttricks.train import train
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag  # noqa: E402
 
-FIRST_INDEX = 100_000  # val_clutter uses indices 0..299
+FIRST_INDEX = 100_000  # val_clutter uses indices below clutter_per_class * 10
 
 
 def clutter_training_set(root: Path, per_class: int, opts: ToyOptions) -> Path:
@@ -54,7 +54,7 @@ def clutter_training_set(root: Path, per_class: int, opts: ToyOptions) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-class", type=int, default=160)
-    p.add_argument("--clutter-radius", type=float, nargs=2, default=(0.11, 0.2),
+    p.add_argument("--clutter-radius", type=float, nargs=2, default=ToyOptions().clutter_radius,
                    help="the clutter objects' radius range (fraction of the side); the default set's by default")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -73,7 +73,7 @@ def main() -> None:
               "settings": {"per_class": args.per_class, "clutter_radius": list(args.clutter_radius),
                            "recipe": "baseline + overrides/toy.yaml"},
               "results": rows, "chance_top1": 10.0, "machine": machine(torch.device("cpu"))}
-    variant = "" if opts == ToyOptions() else f"-radius{args.clutter_radius[0]}-{args.clutter_radius[1]}"
+    variant = f"-radius{args.clutter_radius[0]}-{args.clutter_radius[1]}"
     out = args.out or RESULTS / f"toy_clutter_oracle{variant}-{machine_tag(torch.device('cpu'))}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -4,12 +4,18 @@
 Each recipe trains into ``OUT/<file stem>``; a row whose run already finished with the same
 recipe is read back instead of retrained, and an unfinished one is resumed, so an interrupted
 ablation continues where it stopped.
+
+With ``seeds=n`` every row trains n times (``seed`` 0..n-1, into ``OUT/<stem>/seed-<k>``) and the
+table shows each metric's mean ± standard deviation, and its paired difference from the first row
+± its standard error: the seeds are shared between rows, so a difference between rows is read
+against the spread of differences, not the (larger) spread of each row.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -71,38 +77,90 @@ def run_one(recipe: Recipe, data_dir: Path, out: Path, device: torch.device | No
 
 
 def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=(), sets=(),
-           device: torch.device | None = None) -> dict:
-    """Run every recipe of ``folder``; write ``OUT/ablation.md`` and ``OUT/ablation.json``."""
+           device: torch.device | None = None, seeds: int = 1) -> dict:
+    """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md`` and ``.json``."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, not {seeds}")
     files = recipe_files(folder)
-    loaded = [(f, recipes.load_recipe(f, overrides, sets)) for f in files]  # all valid before any training
+    runs = _runs(files, out, overrides, sets, seeds)  # every recipe validated before any training
     rows = []
-    for i, (file, recipe) in enumerate(loaded, start=1):
-        console.rule(f"[bold]{i}/{len(loaded)} {file.stem}")
-        summary = run_one(recipe, Path(data_dir), out / file.stem, device)
-        rows.append({"recipe": file.stem, "tricks": tricks(recipe), "paper": recipe.paper,
-                     **{k: summary[k] for k in METRICS if k in summary},
-                     "test_crop": summary.get("test_crop"), "run": summary["run"]})
+    for i, file in enumerate(files, start=1):
+        summaries = []
+        for recipe, run_dir in runs[file]:
+            console.rule(f"[bold]{i}/{len(files)} {file.stem}" + (f" · {run_dir.name}" if seeds > 1 else ""))
+            summaries.append(run_one(recipe, Path(data_dir), run_dir, device))
+        rows.append(_row(file.stem, runs[file][0][0], summaries))
+    if seeds > 1:
+        _add_differences(rows)
     result = {"folder": str(folder), "data": str(data_dir), "overrides": [str(o) for o in overrides],
-              "sets": list(sets), "rows": rows}
+              "sets": list(sets), "seeds": seeds, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown(rows))
     return result
 
 
+def _runs(files: list[Path], out: Path, overrides, sets, seeds: int) -> dict[Path, list[tuple[Recipe, Path]]]:
+    """Each file's (recipe, run folder) pairs: one with the recipe's own seed, or one per seed."""
+    if seeds == 1:
+        return {f: [(recipes.load_recipe(f, overrides, sets), out / f.stem)] for f in files}
+    return {f: [(recipes.load_recipe(f, overrides, [*sets, f"seed={k}"]), out / f.stem / f"seed-{k}")
+                for k in range(seeds)] for f in files}
+
+
+def _row(name: str, recipe: Recipe, summaries: list[dict]) -> dict:
+    """One table row: a single run's metrics, or their mean over seeds with the spread and values."""
+    row = {"recipe": name, "tricks": tricks(recipe), "paper": recipe.paper}
+    for k in METRICS:
+        values = [s[k] for s in summaries if k in s]
+        if values:
+            row[k] = statistics.fmean(values)
+            if len(summaries) > 1:
+                row.setdefault("per_seed", {})[k] = values
+                row.setdefault("sd", {})[k] = statistics.stdev(values)
+    row["test_crop"] = summaries[0].get("test_crop")
+    row["run"] = summaries[0]["run"] if len(summaries) == 1 else [s["run"] for s in summaries]
+    return row
+
+
+def _add_differences(rows: list[dict]) -> None:
+    """Each row's paired difference from the first row, per metric: mean and standard error over seeds."""
+    first = rows[0]["per_seed"]
+    for row in rows:
+        row["vs_first"] = {}
+        for k, values in row["per_seed"].items():
+            diffs = [v - f for v, f in zip(values, first[k], strict=True)]
+            row["vs_first"][k] = {"mean": statistics.fmean(diffs),
+                                  "se": statistics.stdev(diffs) / len(diffs) ** 0.5}
+
+
 def markdown(rows: list[dict]) -> str:
-    """The paper's layout: recipe, the paper's figures, the trick columns used by any row, our metrics."""
+    """The paper's layout: recipe, the paper's figures, the trick columns used by any row, our metrics
+    (with seeds: mean ± sd, then each metric's difference from the first row ± its standard error)."""
     trick_cols = [c for c in rows[0]["tricks"] if any(r["tricks"][c] for r in rows)]
     paper_cols = sorted({k for r in rows for k in r["paper"]})
     metric_cols = [k for k in METRICS if any(k in r for r in rows)]
-    header = ["recipe", *(f"paper: {c}" for c in paper_cols), *trick_cols, *(METRICS[k] for k in metric_cols)]
+    seeded = "vs_first" in rows[0]
+    delta_cols = metric_cols if seeded else []
+    header = ["recipe", *(f"paper: {c}" for c in paper_cols), *trick_cols, *(METRICS[k] for k in metric_cols),
+              *(f"Δ {METRICS[k]} vs {rows[0]['recipe']}" for k in delta_cols)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["recipe"], *(_num(r["paper"].get(c), 4) for c in paper_cols),
-                 *(r["tricks"][c] for c in trick_cols), *(_num(r.get(k), 1) for k in metric_cols)]
+                 *(r["tricks"][c] for c in trick_cols),
+                 *(_num(r.get(k), 1) + (f" ± {r['sd'][k]:.1f}" if seeded and k in r else "") for k in metric_cols),
+                 *(_delta(r["vs_first"].get(k)) for k in delta_cols)]
         lines.append("| " + " | ".join(cells) + " |")
+    if seeded:
+        n = len(next(iter(rows[0]["per_seed"].values())))
+        lines.append(f"\n{n} seeds per row (the same seeds in every row); mean ± standard deviation; "
+                     "Δ: mean paired difference ± its standard error.")
     return "\n".join(lines) + "\n"
 
 
 def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def _delta(diff: dict | None) -> str:
+    return "" if diff is None else f"{diff['mean']:+.1f} ± {diff['se']:.1f}"

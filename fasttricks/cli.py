@@ -52,9 +52,11 @@ def friendly(fn):
 def make_toy_cmd(
     out: Annotated[Path, typer.Argument(help="folder to write train/, val/, val_clutter/ into")],
     seed: int = 0, size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
-    train_per_class: int = 160, val_per_class: int = 30, clutter_per_class: int = 30,
+    train_per_class: int = 160, val_per_class: int = 30, clutter_per_class: int = 100,
     train_photo_backgrounds: Annotated[float, typer.Option(
         help="share of training images on photographs (a variant; the default set has none)")] = 0.0,
+    clutter_radius: Annotated[tuple[float, float], typer.Option(
+        help="val_clutter objects' radius range, a fraction of the side (the first sets: 0.11 0.2)")] = (0.2, 0.3),
     overwrite: bool = False,
 ):
     """Generate the toy "objects on backgrounds" set as ImageFolders (same seed, same files)."""
@@ -64,7 +66,10 @@ def make_toy_cmd(
         raise ValueError(f"--size must be at least 16 pixels, not {size}")
     if not 0 <= train_photo_backgrounds <= 1:
         raise ValueError(f"--train-photo-backgrounds is a share in [0, 1], not {train_photo_backgrounds}")
-    opts = ToyOptions(seed, size, train_per_class, val_per_class, clutter_per_class, train_photo_backgrounds)
+    if not 0 < clutter_radius[0] <= clutter_radius[1] < 0.5:
+        raise ValueError(f"--clutter-radius needs 0 < low <= high < 0.5 (the object must fit), not {clutter_radius}")
+    opts = ToyOptions(seed, size, train_per_class, val_per_class, clutter_per_class, train_photo_backgrounds,
+                      clutter_radius)
     console.print(f"wrote {make_toy(out, opts, overwrite=overwrite)}")
 
 
@@ -249,6 +254,8 @@ def ablate(
     data: DataOpt = "toy",
     out: Annotated[Path | None, typer.Option(help="default: runs/ablate-<folder name>")] = None,
     set_: SetOpt = None, override: OverrideOpt = None, device: str | None = None,
+    seeds: Annotated[int, typer.Option(help="train each row with seeds 0..N-1 and report mean ± sd and the "
+                                       "paired difference from the first row (1: the recipe's own seed)")] = 1,
 ):
     """Train every recipe of a folder (resuming unfinished ones) and write a paper-style table:
     OUT/ablation.md and OUT/ablation.json."""
@@ -259,7 +266,7 @@ def ablate(
 
     out = out or Path("runs") / f"ablate-{folder.name}"
     run_ablation(folder, resolve_data(data), out, overrides=override or [], sets=set_ or [],
-                 device=torch.device(device) if device else None)
+                 device=torch.device(device) if device else None, seeds=seeds)
     console.print((out / "ablation.md").read_text())
     console.print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
 

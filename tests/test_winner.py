@@ -130,3 +130,34 @@ def test_ablate_runs_a_folder_and_tabulates_it_like_the_paper(toy_data, tmp_path
     stamp = (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns
     ablate(PIPELINES / "table1", toy_data, tmp_path, sets=sets)  # finished rows are read back
     assert (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_first(toy_data, tmp_path):
+    folder = tmp_path / "table"
+    folder.mkdir()
+    for name in ("1-baseline.yaml", "4-fcutmix.yaml"):
+        shutil.copy(PIPELINES / "table1" / name, folder / name)
+    (folder / "_finetune.yaml").write_text(
+        (PIPELINES / "table1" / "_finetune.yaml").read_text().replace("../baseline.yaml", str(PIPELINES / "baseline.yaml")))
+    sets = ["model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40", "data.val_batch_size=200",
+            "stages.0.epochs=1", "stages.0.batch_size=64", "stages.0.resolution={min: 32, max: 32}",
+            "stages.0.optimizer.lr=1e-2"]
+    result = ablate(folder, toy_data, tmp_path / "out", sets=sets, seeds=2)
+    base, fc = result["rows"]
+    for row in (base, fc):
+        runs = [tmp_path / "out" / row["recipe"] / f"seed-{k}" for k in (0, 1)]
+        assert row["run"] == [str(r) for r in runs]
+        assert [load_recipe(r / "config.yaml").seed for r in runs] == [0, 1]
+        per_seed = [json.loads((r / "summary.json").read_text())["val_clutter_top1"] for r in runs]
+        assert row["per_seed"]["val_clutter_top1"] == per_seed
+        assert row["val_clutter_top1"] == pytest.approx(sum(per_seed) / 2)
+        assert row["sd"]["val_clutter_top1"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+    seed0, seed1 = (_weights(tmp_path / "out/1-baseline" / f"seed-{k}" / "final.safetensors") for k in (0, 1))
+    assert not torch.equal(seed0["classifier.weight"], seed1["classifier.weight"])  # the seed reaches the run
+    diffs = [f - b for f, b in zip(fc["per_seed"]["val_top1"], base["per_seed"]["val_top1"])]
+    assert base["vs_first"]["val_top1"] == {"mean": 0.0, "se": 0.0}
+    assert fc["vs_first"]["val_top1"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert fc["vs_first"]["val_top1"]["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # sd / sqrt(2)
+    table = (tmp_path / "out" / "ablation.md").read_text()
+    assert "Δ val_clutter top-1 vs 1-baseline" in table and "2 seeds per row" in table
+    assert f"| {base['val_top1']:.1f} ± {base['sd']['val_top1']:.1f} |" in table
