@@ -8,6 +8,7 @@ import torch
 
 from fasttricks.augment.heavy import (
     HeavyAugmentation,
+    apply_to_some,
     brightness_contrast,
     elastic_field,
     gauss_noise,
@@ -46,6 +47,34 @@ def test_each_op_changes_every_image_at_p1_and_none_at_p0(op):
     assert (changed > 1e-3).all(), f"{op} left some images unchanged: {changed}"
     assert on.min() >= 0 and on.max() <= 1
     assert on.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("op", ["brightness_contrast", "motion_blur", "cutout", "gauss_noise", "iso_noise"])
+def test_at_p_half_an_op_changes_half_the_batch_and_leaves_the_rest_bit_identical(op):
+    x = _images(n=8)
+    with seeded(3, CPU):
+        out = HeavyAugmentation(_only(op, 0.5))(x)
+    changed = (out - x).abs().flatten(1).amax(1) > 1e-3
+    untouched = (out == x).flatten(1).all(1)
+    assert changed.sum() == 4 and untouched.sum() == 4  # ⌊8 · 0.5⌋ = 4 exactly, the others bit-identical
+
+
+def test_apply_to_some_computes_only_the_chosen_images_each_with_probability_p():
+    seen = []
+
+    def op(x):
+        seen.append(x.shape[0])
+        return x + 1
+
+    x = torch.zeros(3, 1, 1, 1)
+    picks = torch.zeros(3)
+    trials = 3000
+    with seeded(0, CPU):
+        for _ in range(trials):
+            picks += apply_to_some(x, 0.3, op).flatten()
+    assert set(seen) == {1}  # B·p = 0.9: one image (or none), and op sees only it
+    assert len(seen) == pytest.approx(0.9 * trials, rel=0.05)  # ⌊0.9⌋ + 1 with probability 0.9
+    assert torch.allclose(picks / trials, torch.full((3,), 0.3), atol=0.03)  # every image: p
 
 
 def test_the_same_seed_gives_the_same_batch_and_another_seed_does_not():

@@ -11,8 +11,18 @@ scale of sigma anyway), which makes its Gaussian smoothing 16x cheaper than Korn
 full-resolution one — elastic was the costliest op on the GPU (benchmarks/augment_throughput.py).
 Brightness/contrast and the two noises are written here as a few batched tensor ops, because
 Kornia's versions differ from albumentations' (its RandomBrightness adds a different quantity, its
-RandomGaussianNoise has one fixed std and does not clamp) and ISO noise is not in Kornia. Per-image gating of our ops is
-a ``torch.where`` on a per-image coin: no Python loop over samples, no host sync.
+RandomGaussianNoise has one fixed std and does not clamp) and ISO noise is not in Kornia.
+
+Probabilities: each op applies to each image with probability p, but it is computed only on the
+images it applies to (``apply_to_some``): a random subset of ⌊B·p⌋ or ⌈B·p⌉ images, gathered,
+transformed and scattered back. Kornia >= 0.9 and a ``torch.where`` on per-image coins compute the
+op on the whole batch and blend, so at albumentations' default p = 0.5 half of the work was thrown
+away; the noises, at p = 1 the costliest ops after the geometry (benchmarks/augment_throughput.py),
+now cost half. The difference from independent coins: the number of images an op touches varies
+by at most one around B·p instead of binomially, which no training run can tell apart. The
+geometry keeps per-image coins and a ``torch.where``: its three ops share one resampling, which
+runs unless all three coins miss (87.5% of images at the defaults), so a subset would save little.
+Neither way needs a Python loop over samples or a host sync.
 
 Randomness: all draws come from torch's RNG; the caller seeds it per step (``seeded``), so a batch's
 augmentation is a function of (seed, epoch, step).
@@ -37,6 +47,22 @@ from fasttricks.recipes import AugmentConfig
 from fasttricks.seeding import AUGMENT, stream_seed
 
 
+def apply_to_some(x: torch.Tensor, p: float, op) -> torch.Tensor:
+    """``op`` applied to a random subset of the batch (each image with probability ``p``), the other
+    images returned unchanged; ``op`` sees only the subset. The subset's size is ⌊B·p⌋, plus one
+    with probability frac(B·p) (one draw from the CPU generator: known on the host, no sync)."""
+    b = x.shape[0]
+    if p <= 0:
+        return x
+    if p >= 1:
+        return op(x)
+    k = int(b * p) + int(torch.rand(()).item() < b * p - int(b * p))
+    if k == 0:
+        return x
+    chosen = torch.randperm(b, device=x.device)[:k]
+    return x.index_copy(0, chosen, op(x.index_select(0, chosen)))
+
+
 def _coin(x: torch.Tensor, p: float) -> torch.Tensor:
     return (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p)
 
@@ -48,16 +74,17 @@ def _uniform(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def brightness_contrast(x: torch.Tensor, p: float, brightness: float, contrast: float) -> torch.Tensor:
     """albumentations' RandomBrightnessContrast on [0, 1] images: x·α + β, α ∈ 1±contrast,
     β ∈ ±brightness (brightness relative to the maximum value, 1)."""
-    out = (x * _uniform(x, 1 - contrast, 1 + contrast) + _uniform(x, -brightness, brightness)).clamp_(0, 1)
-    return torch.where(_coin(x, p), out, x)
+    def op(x):
+        return (x * _uniform(x, 1 - contrast, 1 + contrast) + _uniform(x, -brightness, brightness)).clamp_(0, 1)
+    return apply_to_some(x, p, op)
 
 
 def gauss_noise(x: torch.Tensor, p: float, var: tuple[float, float]) -> torch.Tensor:
     """albumentations' GaussNoise: per image a variance from ``var`` on the 0-255 scale, per
     pixel and channel N(0, σ); clamped to [0, 1]."""
-    sigma = _uniform(x, *var).sqrt_() / 255
-    out = (x + torch.randn_like(x) * sigma).clamp_(0, 1)
-    return torch.where(_coin(x, p), out, x)
+    def op(x):
+        return (x + torch.randn_like(x) * (_uniform(x, *var).sqrt_() / 255)).clamp_(0, 1)
+    return apply_to_some(x, p, op)
 
 
 def iso_noise(x: torch.Tensor, p: float, color_shift: tuple[float, float],
@@ -65,6 +92,10 @@ def iso_noise(x: torch.Tensor, p: float, color_shift: tuple[float, float],
     """Camera sensor noise with the math of albumentations' ISONoise (≤ 1.4.18): in HLS, hue
     jittered by N(0, color_shift·360·intensity) degrees per pixel, luminance raised by
     Poisson(σ_L·intensity·255)/255·(1 − L) per pixel, σ_L the image's luminance std."""
+    return apply_to_some(x, p, lambda x: _iso_noise(x, color_shift, intensity))
+
+
+def _iso_noise(x: torch.Tensor, color_shift: tuple[float, float], intensity: tuple[float, float]) -> torch.Tensor:
     hls = kornia.color.rgb_to_hls(x)  # H in radians [0, 2π), L and S in [0, 1]
     hue, lum, sat = hls[:, 0:1], hls[:, 1:2], hls[:, 2:3]
     shift, strength = _uniform(x, *color_shift), _uniform(x, *intensity)
@@ -73,8 +104,7 @@ def iso_noise(x: torch.Tensor, p: float, color_shift: tuple[float, float],
     noise_h = torch.randn_like(hue) * (shift * 360 * strength) * (math.pi / 180)
     hue = torch.remainder(hue + noise_h, 2 * math.pi)
     lum = lum + noise_l / 255 * (1 - lum)
-    out = kornia.color.hls_to_rgb(torch.cat([hue, lum.clamp(0, 1), sat], dim=1)).clamp_(0, 1)
-    return torch.where(_coin(x, p), out, x)
+    return kornia.color.hls_to_rgb(torch.cat([hue, lum.clamp(0, 1), sat], dim=1)).clamp_(0, 1)
 
 
 def elastic_field(b: int, h: int, w: int, alpha: float, sigma: float, kernel_size: int,
@@ -112,25 +142,23 @@ class HeavyAugmentation(nn.Module):
         super().__init__()
         self.cfg = cfg
         mb, co = cfg.motion_blur, cfg.cutout
+        # p=1 inside Kornia: ``apply_to_some`` chooses the images (cfg's p)
         self.kornia = nn.ModuleDict({
             "motion_blur": K.RandomMotionBlur(kernel_size=mb.kernel, angle=(-180.0, 180.0), direction=(-1.0, 1.0),
-                                              border_type="reflect", p=mb.p),
-            "cutout": K.RandomErasing(scale=co.scale, ratio=co.ratio, value=0.0, p=co.p),
+                                              border_type="reflect", p=1.0),
+            "cutout": K.RandomErasing(scale=co.scale, ratio=co.ratio, value=0.0, p=1.0),
         })
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         x = self._geometry(x)
-        if c.brightness_contrast.p > 0:
-            x = brightness_contrast(x, c.brightness_contrast.p, c.brightness_contrast.brightness,
-                                    c.brightness_contrast.contrast)
+        bc = c.brightness_contrast
+        x = brightness_contrast(x, bc.p, bc.brightness, bc.contrast)
         x = self._kornia("motion_blur", x)
         x = self._kornia("cutout", x)
-        if c.gauss_noise.p > 0:
-            x = gauss_noise(x, c.gauss_noise.p, c.gauss_noise.var)
-        if c.iso_noise.p > 0:
-            x = iso_noise(x, c.iso_noise.p, c.iso_noise.color_shift, c.iso_noise.intensity)
+        x = gauss_noise(x, c.gauss_noise.p, c.gauss_noise.var)
+        x = iso_noise(x, c.iso_noise.p, c.iso_noise.color_shift, c.iso_noise.intensity)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,12 +184,7 @@ class HeavyAugmentation(nn.Module):
         return torch.where((shift | rotate | elastic).view(-1, 1, 1, 1), out.clamp_(0, 1), x)
 
     def _kornia(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        # An op is computed on the whole batch and blended by the per-image coin (as Kornia
-        # >= 0.9 does): no host sync to select images, but p = 0 must skip the work.
-        op = self.kornia[name]
-        if op.p == 0:
-            return x
-        return op(x).clamp_(0, 1)
+        return apply_to_some(x, getattr(self.cfg, name).p, lambda x: self.kornia[name](x).clamp_(0, 1))
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
