@@ -129,6 +129,8 @@ def _add_differences(rows: list[dict]) -> None:
     for row in rows:
         row["vs_first"] = {}
         for k, values in row["per_seed"].items():
+            if k not in first:
+                continue
             diffs = [v - f for v, f in zip(values, first[k], strict=True)]
             row["vs_first"][k] = {"mean": statistics.fmean(diffs),
                                   "se": statistics.stdev(diffs) / len(diffs) ** 0.5}

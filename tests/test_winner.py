@@ -137,8 +137,8 @@ def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_
     folder.mkdir()
     for name in ("1-baseline.yaml", "4-fcutmix.yaml"):
         shutil.copy(PIPELINES / "table1" / name, folder / name)
-    (folder / "_finetune.yaml").write_text(
-        (PIPELINES / "table1" / "_finetune.yaml").read_text().replace("../baseline.yaml", str(PIPELINES / "baseline.yaml")))
+    base_text = (PIPELINES / "table1" / "_finetune.yaml").read_text()
+    (folder / "_finetune.yaml").write_text(base_text.replace("../baseline.yaml", str(PIPELINES / "baseline.yaml")))
     sets = ["model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40", "data.val_batch_size=200",
             "stages.0.epochs=1", "stages.0.batch_size=64", "stages.0.resolution={min: 32, max: 32}",
             "stages.0.optimizer.lr=1e-2"]
@@ -154,7 +154,7 @@ def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_
         assert row["sd"]["val_clutter_top1"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
     seed0, seed1 = (_weights(tmp_path / "out/1-baseline" / f"seed-{k}" / "final.safetensors") for k in (0, 1))
     assert not torch.equal(seed0["classifier.weight"], seed1["classifier.weight"])  # the seed reaches the run
-    diffs = [f - b for f, b in zip(fc["per_seed"]["val_top1"], base["per_seed"]["val_top1"])]
+    diffs = [f - b for f, b in zip(fc["per_seed"]["val_top1"], base["per_seed"]["val_top1"], strict=True)]
     assert base["vs_first"]["val_top1"] == {"mean": 0.0, "se": 0.0}
     assert fc["vs_first"]["val_top1"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert fc["vs_first"]["val_top1"]["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # sd / sqrt(2)
