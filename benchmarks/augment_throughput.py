@@ -139,16 +139,14 @@ def _per_op(batch: torch.Tensor, device: torch.device, repeats: int) -> dict:
         run()
         return round(1000 / statistics.median(timed(run, device) for _ in range(repeats)), 2)
 
-    out = {}
-    for op in OPS:
-        aug = HeavyAugmentation(AugmentConfig(**{o: {"p": 1.0 if o == op else 0.0} for o in OPS})).to(device)
-        out[op] = ms(lambda aug=aug: aug(batch))
+    def only(ops, p: float) -> HeavyAugmentation:
+        return HeavyAugmentation(AugmentConfig(**{o: {"p": p if o in ops else 0.0} for o in OPS})).to(device)
+
+    out = {op: ms(lambda aug=only([op], 1.0): aug(batch)) for op in OPS}
     # at albumentations' p = 0.5 these ops run on half the batch; computing the whole batch and
     # blending (Kornia >= 0.9, or a torch.where coin) costs what p = 1 costs
-    for op in OPS[3:]:
-        aug = HeavyAugmentation(AugmentConfig(**{o: {"p": 0.5 if o == op else 0.0} for o in OPS})).to(device)
-        out[f"{op}_at_p0.5"] = ms(lambda aug=aug: aug(batch))
-    geometry = HeavyAugmentation(AugmentConfig(**{o: {"p": 1.0 if o in OPS[:3] else 0.0} for o in OPS})).to(device)
+    out |= {f"{op}_at_p0.5": ms(lambda aug=only([op], 0.5): aug(batch)) for op in OPS[3:]}
+    geometry = only(OPS[:3], 1.0)
     out["geometry_ours_one_resampling"] = ms(lambda: geometry(batch))
     affine = K.RandomAffine(degrees=45, translate=(0.0625, 0.0625), padding_mode="reflection", p=1.0).to(device)
     elastic = K.RandomElasticTransform(kernel_size=(33, 33), sigma=(6.0, 6.0), alpha=(1.0, 1.0),

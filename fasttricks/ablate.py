@@ -102,10 +102,9 @@ def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=()
 
 def _runs(files: list[Path], out: Path, overrides, sets, seeds: int) -> dict[Path, list[tuple[Recipe, Path]]]:
     """Each file's (recipe, run folder) pairs: one with the recipe's own seed, or one per seed."""
-    if seeds == 1:
-        return {f: [(recipes.load_recipe(f, overrides, sets), out / f.stem)] for f in files}
-    return {f: [(recipes.load_recipe(f, overrides, [*sets, f"seed={k}"]), out / f.stem / f"seed-{k}")
-                for k in range(seeds)] for f in files}
+    variants = [([], "")] if seeds == 1 else [([f"seed={k}"], f"seed-{k}") for k in range(seeds)]
+    return {f: [(recipes.load_recipe(f, overrides, [*sets, *extra]), out / f.stem / sub) for extra, sub in variants]
+            for f in files}
 
 
 def _row(name: str, recipe: Recipe, summaries: list[dict]) -> dict:

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from fasttricks.data.toy import ToyOptions
 from fasttricks.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -47,20 +48,24 @@ def friendly(fn):
     return wrapper
 
 
+TOY = ToyOptions()  # make-toy's defaults are the default set's
+
+
 @app.command("make-toy")
 @friendly
 def make_toy_cmd(
     out: Annotated[Path, typer.Argument(help="folder to write train/, val/, val_clutter/ into")],
-    seed: int = 0, size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
-    train_per_class: int = 160, val_per_class: int = 30, clutter_per_class: int = 100,
+    seed: int = TOY.seed, size: Annotated[int, typer.Option(help="image side in pixels")] = TOY.size,
+    train_per_class: int = TOY.train_per_class, val_per_class: int = TOY.val_per_class,
+    clutter_per_class: int = TOY.clutter_per_class,
     train_photo_backgrounds: Annotated[float, typer.Option(
         help="share of training images on photographs (a variant; the default set has none)")] = 0.0,
     clutter_radius: Annotated[tuple[float, float], typer.Option(
-        help="val_clutter objects' radius range, a fraction of the side (the first sets: 0.11 0.2)")] = (0.2, 0.3),
+        help="val_clutter objects' radius range, a fraction of the side (first sets: 0.11 0.2)")] = TOY.clutter_radius,
     overwrite: bool = False,
 ):
     """Generate the toy "objects on backgrounds" set as ImageFolders (same seed, same files)."""
-    from fasttricks.data.toy import ToyOptions, make_toy
+    from fasttricks.data.toy import make_toy
 
     if size < 16:
         raise ValueError(f"--size must be at least 16 pixels, not {size}")
