@@ -30,9 +30,10 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 
-# Re-installs only when pyproject.toml changed since the last install.
-$(STAMP): pyproject.toml | system-deps
+# Re-installs only when pyproject.toml or constraints.txt changed since the last install.
+# constraints.txt pins the exact set CI runs; pyproject.toml itself holds ranges.
+$(STAMP): pyproject.toml constraints.txt | system-deps
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fasttricks import recipes
+from fasttricks import recipes, runs
 from fasttricks.adversarial import describe_eps
 from fasttricks.atomic import write_json, write_text
 from fasttricks.progress import console
@@ -32,8 +32,7 @@ METRICS = {"val_top1": "val top-1", "val_clutter_top1": "val_clutter top-1", "va
 
 def recipe_files(folder: Path) -> list[Path]:
     """The folder's recipes in name order; files starting with ``_`` are shared bases, not rows."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder of recipes")
+    folder = recipes.recipe_folder(folder)
     files = sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("_"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no recipe (*.yaml not starting with '_')")
@@ -66,30 +65,49 @@ def run_one(recipe: Recipe, data_dir: Path, out: Path, device: torch.device | No
     """Train (or resume, or read back) one row's run; returns its summary."""
     from fasttricks.train import train
 
-    summary_file, config = out / "summary.json", out / "config.yaml"
-    same = config.is_file() and recipes.validate(yaml.safe_load(config.read_text())) == recipe
+    summary_file = out / "summary.json"
+    same = _same_recipe(out, recipe)
     if same and summary_file.is_file():
         console.print(f"{out}: finished earlier with this recipe, read back")
         return json.loads(summary_file.read_text())
-    if config.is_file() and not same:
-        console.print(f"[yellow]{out} holds a run of a different recipe: replacing it")
+    if runs.is_run(out) and not same:
+        console.print(f"[yellow]{out} holds a run of a different recipe: replacing it (--overwrite)")
     return train(recipe, data_dir, out, device=device, resume=same, overwrite=not same)
 
 
+def _same_recipe(out: Path, recipe: Recipe) -> bool:
+    config = out / "config.yaml"
+    return config.is_file() and recipes.validate(yaml.safe_load(config.read_text())) == recipe
+
+
+def _check_replacements(runs_by_file: dict[Path, list[tuple[Recipe, Path]]], overwrite: bool) -> None:
+    """Refuse, before any training, to replace finished or started rows trained with another recipe."""
+    if overwrite:
+        return
+    other = [run_dir for pairs in runs_by_file.values() for recipe, run_dir in pairs
+             if runs.is_run(run_dir) and not _same_recipe(run_dir, recipe)]
+    if other:
+        raise runs.RunFolderError(
+            f"{len(other)} row(s) already hold runs of another recipe (another --set or --override?): "
+            + ", ".join(str(p) for p in other[:6]) + (" ..." if len(other) > 6 else "")
+            + "; choose another --out, or pass --overwrite to replace them")
+
+
 def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=(), sets=(),
-           device: torch.device | None = None, seeds: int = 1) -> dict:
+           device: torch.device | None = None, seeds: int = 1, overwrite: bool = False) -> dict:
     """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md`` and ``.json``."""
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, not {seeds}")
     files = recipe_files(folder)
-    runs = _runs(files, out, overrides, sets, seeds)  # every recipe validated before any training
+    planned = _runs(files, out, overrides, sets, seeds)  # every recipe validated before any training
+    _check_replacements(planned, overwrite)
     rows = []
     for i, file in enumerate(files, start=1):
         summaries = []
-        for recipe, run_dir in runs[file]:
+        for recipe, run_dir in planned[file]:
             console.rule(f"[bold]{i}/{len(files)} {file.stem}" + (f" · {run_dir.name}" if seeds > 1 else ""))
             summaries.append(run_one(recipe, Path(data_dir), run_dir, device))
-        rows.append(_row(file.stem, runs[file][0][0], summaries))
+        rows.append(_row(file.stem, planned[file][0][0], summaries))
     if seeds > 1:
         _add_differences(rows)
     result = {"folder": str(folder), "data": str(data_dir), "overrides": [str(o) for o in overrides],

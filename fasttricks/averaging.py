@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fasttricks.checkpoint import read_info, save_weights
-from fasttricks.models import WeightsError
+from fasttricks.models import WeightsError, weights_file
 
 
 def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
 def average_files(paths: Sequence[str | os.PathLike]) -> tuple[dict[str, torch.Tensor], dict]:
     """Average fasttricks weights files (``final.safetensors`` or checkpoints' ``model.safetensors``)
     of one architecture; returns (state, the last file's info)."""
-    paths = [_weights_file(p) for p in paths]
+    paths = [weights_file(p) for p in paths]
     infos = [read_info(p) for p in paths]
     for p, info in zip(paths[1:], infos[1:], strict=True):
         for key in ("arch", "num_classes"):
@@ -54,12 +54,6 @@ def average_files(paths: Sequence[str | os.PathLike]) -> tuple[dict[str, torch.T
                 raise WeightsError(f"cannot average {paths[0]} ({key} {infos[0][key]}) with {p} "
                                    f"({key} {info[key]}): not the same architecture")
     return average_state_dicts([load_file(str(p)) for p in paths]), infos[-1]
-
-
-def _weights_file(path: str | os.PathLike) -> Path:
-    """A checkpoint folder stands for its model.safetensors."""
-    path = Path(path)
-    return path / "model.safetensors" if path.is_dir() else path
 
 
 def batch_norms(net: nn.Module, frozen: Sequence[str] = ()) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -119,6 +113,9 @@ def average_command(paths: Sequence[Path], out: Path, *, data_dir: Path | None, 
     model.net.load_state_dict(state)
     report = {"averaged": [str(p) for p in paths], "out": str(out), "bn_images": 0}
     if data_dir is not None and bn_batches > 0:
+        from fasttricks.evaluate import check_data_fits
+
+        check_data_fits(info, paths[-1], data_dir)
         res = info.get("train_resolution", info["val_crop"])
         batches = calibration_batches(beton_paths(data_dir)["train"], bn_batches, batch_size, res, seed=0,
                                       device=device)

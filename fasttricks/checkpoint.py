@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fasttricks.atomic import atomic_path
-from fasttricks.models import WeightsError
+from fasttricks.models import WeightsError, weights_file
 
 _NAME = re.compile(r"^s(\d+)-e(\d+)(?:-step(\d+))?(-avg)?$")
 
@@ -48,9 +48,7 @@ def save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
 
 def read_info(path: str | os.PathLike) -> dict:
     """The ``info`` saved with ``save_weights``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
+    path = weights_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

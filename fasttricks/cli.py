@@ -43,7 +43,7 @@ def friendly(fn):
             console.print(f"[yellow]{e}")
             raise typer.Exit(130) from None
         except _user_errors() as e:
-            console.print(f"[bold red]error:[/] {e}")
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # no line breaks inside paths to copy
             raise typer.Exit(2) from None
     return wrapper
 
@@ -62,10 +62,13 @@ def make_toy_cmd(
         help="share of training images on photographs (a variant; the default set has none)")] = 0.0,
     clutter_radius: Annotated[tuple[float, float], typer.Option(
         help="val_clutter objects' radius range, a fraction of the side (first sets: 0.11 0.2)")] = TOY.clutter_radius,
+    betons: Annotated[bool, typer.Option(help="also compile each split to OUT/<split>.beton, so that OUT "
+                                         "is a --data folder")] = True,
     overwrite: bool = False,
 ):
-    """Generate the toy "objects on backgrounds" set as ImageFolders (same seed, same files)."""
-    from fasttricks.data.toy import make_toy
+    """Generate the toy "objects on backgrounds" set as ImageFolders (same seed, same files), and its betons."""
+    from fasttricks.data.sources import TOY_BETON, build_split_betons
+    from fasttricks.data.toy import SPLITS, make_toy
 
     if size < 16:
         raise ValueError(f"--size must be at least 16 pixels, not {size}")
@@ -75,7 +78,10 @@ def make_toy_cmd(
         raise ValueError(f"--clutter-radius needs 0 < low <= high < 0.5 (the object must fit), not {clutter_radius}")
     opts = ToyOptions(seed, size, train_per_class, val_per_class, clutter_per_class, train_photo_backgrounds,
                       clutter_radius)
-    console.print(f"wrote {make_toy(out, opts, overwrite=overwrite)}")
+    make_toy(out, opts, overwrite=overwrite)
+    if betons:
+        build_split_betons(out, out, SPLITS, TOY_BETON)
+    console.print(f"wrote {out}" + (f": use it as --data {out}" if betons else ""))
 
 
 @app.command("build-beton")
@@ -90,13 +96,18 @@ def build_beton_cmd(
     write_mode: Annotated[str, typer.Option(help="raw | jpg | proportion | smart (FFCV)")] = "proportion",
     workers: Annotated[int, typer.Option(help="0: one per core")] = 0,
     limit: Annotated[int | None, typer.Option(help="write a seeded random subset of this many images")] = None,
+    classes_from: Annotated[Path | None, typer.Option(
+        help="the train split's beton: its class list gives the ids (use it for every split but train)")] = None,
+    smart_threshold: Annotated[int, typer.Option(
+        help="--write-mode smart: images of more raw bytes than this are stored as JPEG")] = 256 * 256 * 3,
     overwrite: bool = False,
 ):
     """Compile an ImageFolder into an FFCV .beton; bad files are skipped and listed in the manifest."""
     from fasttricks.data.beton import BetonOptions, build_beton
 
     opts = BetonOptions(max_res=max_res, jpeg_quality=jpeg_quality, compress_probability=compress_probability,
-                        write_mode=write_mode, workers=workers, limit=limit)
+                        write_mode=write_mode, workers=workers, limit=limit,
+                        classes_from=str(classes_from) if classes_from else None, smart_threshold=smart_threshold)
     m = build_beton(src, out, opts, overwrite=overwrite)
     console.print(f"[green]{out}[/]: {m.images} images, {len(m.classes)} classes, {len(m.skipped)} skipped "
                   f"({m.seconds:.0f} s); manifest {out}.json")
@@ -104,7 +115,7 @@ def build_beton_cmd(
         console.print(f"  skipped {s['file']}: {s['reason']}")
 
 
-RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="name in pipelines/ or a YAML path")]
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="a shipped name (`fasttricks recipes`) or a YAML path")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="dotted.key=value (repeatable)")]
 OverrideOpt = Annotated[list[Path] | None, typer.Option("--override", help="YAML merged over the recipe")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="folder of train/val(/val_clutter) betons, or 'toy'")]
@@ -113,12 +124,18 @@ DataOpt = Annotated[str, typer.Option("--data", "-d", help="folder of train/val(
 @app.command()
 @friendly
 def train(
-    recipe: RecipeOpt = "baseline", data: DataOpt = "toy",
+    recipe: Annotated[str | None, typer.Option(
+        "--recipe", "-r", help="name in pipelines/ or a YAML path; default baseline, or with --resume the "
+        "recipe saved in the run folder")] = None,
+    data: DataOpt = "toy",
     out: Annotated[Path | None, typer.Option(help="run folder; default runs/<recipe>")] = None,
     set_: SetOpt = None, override: OverrideOpt = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run in --out")] = False,
     stop_after: Annotated[int | None, typer.Option(help="stop after this many epochs (resume later)")] = None,
+    toy_settings: Annotated[bool, typer.Option(
+        help="with --data toy and no --override: apply the recipe's toy override (a tiny model and budget "
+        "for a CPU)")] = True,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu; default: cuda if present")] = None,
 ):
     """Train a recipe (all its stages) and leave a run folder with metrics, checkpoints and a summary.
@@ -127,11 +144,11 @@ def train(
 
     from fasttricks.data.sources import resolve_data
     from fasttricks.distributed import dist_info, process_group
-    from fasttricks.recipes import load_recipe
+    from fasttricks.runs import recipe_for_train
     from fasttricks.train import train as run_training
 
-    r = load_recipe(recipe, override or [], set_ or [])
-    out = out or Path("runs") / r.name
+    r, out = recipe_for_train(recipe, override or [], set_ or [], out=out, resume=resume,
+                              toy=data == "toy" and toy_settings)
     with process_group(torch.device(device) if device else None) as dev:  # torchrun: one process per device
         summary = run_training(r, resolve_data(data), out, device=dev, resume=resume, overwrite=overwrite,
                                stop_after=stop_after)
@@ -139,10 +156,31 @@ def train(
             _print_summary(summary)
 
 
+@app.command("recipes")
+@friendly
+def recipes_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON list instead of a table")] = False,
+):
+    """The shipped recipes, table rows and overrides: the name --recipe/--override take, what each is,
+    and where the file lies (works from any directory and from an installed wheel)."""
+    from rich.table import Table
+
+    from fasttricks.recipes import catalogue
+
+    rows = catalogue()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table("name", "kind", "description", "path", show_lines=False)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["description"], r["path"])
+    console.print(table)
+
+
 @app.command("show-augs")
 @friendly
 def show_augs(
-    recipe: RecipeOpt = "pipelines/table1/5-heavy-aug-fcutmix.yaml", data: DataOpt = "toy",
+    recipe: RecipeOpt = "table1/5-heavy-aug-fcutmix", data: DataOpt = "toy",
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("augmentations.png"),
     stage: Annotated[int, typer.Option(help="which stage's augmentation (0-based)")] = 0,
     n: Annotated[int, typer.Option(help="images in the grid")] = 8,
@@ -255,12 +293,13 @@ def fixres_cmd(
 @app.command()
 @friendly
 def ablate(
-    folder: Annotated[Path, typer.Argument(help="a folder of recipes, e.g. pipelines/table1")],
+    folder: Annotated[Path, typer.Argument(help="a folder of recipes, e.g. pipelines/table1 (or table1, shipped)")],
     data: DataOpt = "toy",
     out: Annotated[Path | None, typer.Option(help="default: runs/ablate-<folder name>")] = None,
     set_: SetOpt = None, override: OverrideOpt = None, device: str | None = None,
     seeds: Annotated[int, typer.Option(help="train each row with seeds 0..N-1 and report mean ± sd and the "
                                        "paired difference from the first row (1: the recipe's own seed)")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="replace rows that hold runs of another recipe")] = False,
 ):
     """Train every recipe of a folder (resuming unfinished ones) and write a paper-style table:
     OUT/ablation.md and OUT/ablation.json."""
@@ -271,7 +310,7 @@ def ablate(
 
     out = out or Path("runs") / f"ablate-{folder.name}"
     run_ablation(folder, resolve_data(data), out, overrides=override or [], sets=set_ or [],
-                 device=torch.device(device) if device else None, seeds=seeds)
+                 device=torch.device(device) if device else None, seeds=seeds, overwrite=overwrite)
     console.print((out / "ablation.md").read_text())
     console.print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
 

@@ -9,9 +9,13 @@ Rules, and why:
 - The PGD attack runs on the unwrapped module: its ``torch.autograd.grad`` asks for input
   gradients only, so DDP's parameter hooks never fire during the attack and the step all-reduces
   each gradient bucket once (DDP does not support ``autograd.grad`` through the wrapper).
-- Rank 0 alone writes the run folder and evaluates (the others wait, hence a long collective
-  timeout); averaging is computed by every rank from the same checkpoint files (and the same
-  calibration batches), then rank 0's weights are broadcast.
+- Rank 0 alone writes the run folder. Everything else is every rank's work: evaluation runs on
+  disjoint shards whose counts are all-reduced (N processes take ~1/N of the time and give the
+  numbers of one), the FixRes sweep and fine-tuning and the weight averaging run on every rank
+  from the same inputs, then rank 0's weights are broadcast. So nothing one rank runs alone can
+  start a collective (a SyncBatchNorm in train mode all-gathers), and no rank idles in a barrier.
+- A stop (Ctrl-C, a non-finite loss) is agreed at the logging points, so every rank stops after
+  the same step with the same message.
 """
 
 from __future__ import annotations
@@ -51,16 +55,45 @@ def process_group(device: torch.device | None):
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    # Rank 0 evaluates alone (per epoch, and the FixRes sweep + robust evaluation at the end, which
-    # take many minutes on ImageNet) while the others wait in a collective: NCCL's default 10-minute
-    # timeout would abort them. FASTTRICKS_DIST_TIMEOUT_MIN sets it (default 180).
-    minutes = float(os.environ.get("FASTTRICKS_DIST_TIMEOUT_MIN", "180"))
+    # Ranks wait for rank 0 while it writes checkpoints and plots; a generous timeout keeps a slow
+    # shared filesystem from aborting them. FASTTRICKS_DIST_TIMEOUT_MIN sets it (default 60).
+    minutes = float(os.environ.get("FASTTRICKS_DIST_TIMEOUT_MIN", "60"))
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
     try:
         yield device
         dist.barrier()  # all ranks done talking before any tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
+
+
+def default_workers() -> int:
+    """Decode threads when the recipe says 0: the cores this process may use, divided among the
+    processes torchrun started on this node (each would otherwise take every core)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // max(local, 1))
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over every rank (in place; unchanged with one process)."""
+    if dist_info()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def earliest_step(first_bad: torch.Tensor) -> int:
+    """The smallest non-negative ``first_bad`` over ranks, -1 when no rank has one: every rank then
+    sees the same answer at the same logging point and stops together."""
+    if dist_info()[1] == 1:
+        return int(first_bad.item())
+    never = torch.iinfo(torch.long).max
+    t = torch.where(first_bad < 0, torch.full_like(first_bad, never), first_bad).reshape(1).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    value = int(t.item())
+    return -1 if value == never else value
 
 
 def per_process_batch(batch_size: int) -> int:

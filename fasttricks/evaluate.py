@@ -14,38 +14,42 @@ from fasttricks.adversarial import pgd
 from fasttricks.checkpoint import read_info
 from fasttricks.data.loader import ValLoader, beton_paths
 from fasttricks.devices import autocast
-from fasttricks.models import Classifier, create_model
+from fasttricks.distributed import dist_info, sum_over_ranks
+from fasttricks.models import Classifier, create_model, weights_file
 from fasttricks.recipes import AdversarialConfig, ModelConfig
+from fasttricks.seeding import EVAL_ATTACK, stream_seed
 
 
 def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
              attack: AdversarialConfig | None = None) -> dict[str, float]:
     """Top-1 and top-5 (in %) and the image count; with ``attack``, on the PGD versions of the
     images (attacked and evaluated in fp32, the evaluation standard). Counts stay on the device
-    until the end."""
+    until the end, then are summed over ranks: under several processes each evaluates its shard.
+    The attack's random starts come from a generator seeded by (batch, rank), never the global
+    RNG, so the same weights give the same robust accuracy on every evaluation."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(2, device=device, dtype=torch.long)
-    seen = 0
-    for images, labels in batches:
+    counts = torch.zeros(3, device=device, dtype=torch.long)  # top-1 hits, top-5 hits, images
+    rank = dist_info()[0]
+    for i, (images, labels) in enumerate(batches):
         if attack is not None:
-            images = pgd(model, images, labels, attack, use_autocast=False)
+            generator = torch.Generator(device).manual_seed(stream_seed(0, 0, i, EVAL_ATTACK, rank))
+            images = pgd(model, images, labels, attack, use_autocast=False, generator=generator)
         with torch.no_grad(), autocast(device) if attack is None else nullcontext():
             logits = model(images)
         k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top == labels[:, None]
-        correct += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
-        seen += labels.shape[0]
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), counts.new_tensor(labels.shape[0])])
     model.train(was_training)
-    c1, c5 = correct.tolist()
+    c1, c5, seen = sum_over_ranks(counts).tolist()
     return {"top1": 100.0 * c1 / max(seen, 1), "top5": 100.0 * c5 / max(seen, 1), "images": seen}
 
 
 def val_loaders(data_dir: str | os.PathLike, *, resize: int, crop: int, batch_size: int, device: torch.device,
-                workers: int = 0) -> dict[str, ValLoader]:
-    """A loader for ``val`` and, when present, ``val_clutter``."""
-    return {split: ValLoader(path, batch_size=batch_size, resize=resize, crop=crop, device=device, workers=workers)
+                workers: int = 0, distributed: bool = False) -> dict[str, ValLoader]:
+    """A loader for ``val`` and, when present, ``val_clutter``; with ``distributed``, this rank's shard."""
+    return {split: ValLoader(path, batch_size=batch_size, resize=resize, crop=crop, device=device, workers=workers,
+                             distributed=distributed)
             for split, path in beton_paths(data_dir).items() if split != "train"}
 
 
@@ -73,16 +77,30 @@ def as_row(results: dict[str, dict]) -> dict:
 
 
 def load_classifier(weights: str | os.PathLike, device: torch.device) -> tuple[Classifier, dict]:
-    """A saved fasttricks model (``final.safetensors`` or a checkpoint's ``model.safetensors``)."""
+    """A saved fasttricks model: ``final.safetensors``, a checkpoint's ``model.safetensors``, or the
+    run or checkpoint folder that holds it."""
+    weights = weights_file(weights)
     info = read_info(weights)
     model = create_model(ModelConfig(arch=info["arch"], weights=str(weights)), info["num_classes"])
     return model.to(device).to(memory_format=torch.channels_last), info
+
+
+def check_data_fits(info: dict, weights: str | os.PathLike, data_dir: str | os.PathLike) -> None:
+    """The data's class list is the one the model was trained on (older files record only the count)."""
+    from fasttricks.data.classes import ClassListError, check_model_classes, data_classes
+
+    classes = data_classes(data_dir)
+    if "classes" in info:
+        check_model_classes(info["classes"], weights, classes, data_dir)
+    elif info["num_classes"] != len(classes):
+        raise ClassListError(f"{weights} has {info['num_classes']} classes but {data_dir} has {len(classes)}")
 
 
 def eval_command(weights: Path, data_dir: Path, *, crop: int | None, resize: int | None, batch_size: int,
                  device: torch.device, workers: int = 0, attack: AdversarialConfig | None = None) -> dict:
     """``fasttricks eval``: with only ``crop`` given, resize keeps the model's crop/resize ratio."""
     model, info = load_classifier(weights, device)
+    check_data_fits(info, weights, data_dir)
     crop = crop or info["val_crop"]
     resize = resize or round(crop * info["val_resize"] / info["val_crop"])
     loaders = val_loaders(data_dir, resize=resize, crop=crop, batch_size=batch_size, device=device, workers=workers)

@@ -147,12 +147,13 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
 
 def choose(model: nn.Module, loaders: dict[str, ValLoader], crops: list[int], *, ratio: float,
            device: torch.device, out_dir: Path, train_crop: int | None, title: str,
-           show_progress: bool = True) -> tuple[list[dict], dict]:
-    """Sweep, pick the best size, write ``fixres.csv`` / ``fixres.png`` into ``out_dir`` and say
-    which size won; returns (curve, chosen row)."""
+           show_progress: bool = True, write: bool = True) -> tuple[list[dict], dict]:
+    """Sweep, pick the best size, write ``fixres.csv`` / ``fixres.png`` into ``out_dir`` (unless
+    ``write`` is False: the other ranks of a run) and say which size won; returns (curve, chosen row)."""
     rows = sweep(model, loaders, crops, ratio=ratio, device=device, show_progress=show_progress)
     chosen = best(rows)
-    write_curve(rows, chosen, out_dir, train_crop=train_crop, title=title)
+    if write:
+        write_curve(rows, chosen, out_dir, train_crop=train_crop, title=title)
     if show_progress:
         console.print(f"FixRes: best test size crop {chosen['crop']} / resize {chosen['resize']} "
                       f"(val top-1 {chosen['val_top1']:.2f}%; {out_dir / PNG_NAME})")
@@ -180,9 +181,12 @@ def fixres_command(weights: Path, data_dir: Path, *, crops: list[int] | None, ba
                    device: torch.device, out_dir: Path | None = None, workers: int = 0) -> dict:
     """``fasttricks fixres``: sweep, write the curve beside the weights (or in ``out_dir``), and when
     the weights are a run's ``final.safetensors``, record the choice in its ``summary.json``."""
-    from fasttricks.evaluate import load_classifier
+    from fasttricks.evaluate import check_data_fits, load_classifier
+    from fasttricks.models import weights_file
 
+    weights = weights_file(weights)
     model, info = load_classifier(weights, device)
+    check_data_fits(info, weights, data_dir)
     train_crop = info.get("train_val_crop", info["val_crop"])
     train_resize = info.get("train_val_resize", info["val_resize"])
     loaders = val_loaders(data_dir, resize=train_resize, crop=train_crop, batch_size=batch_size, device=device,
@@ -197,6 +201,8 @@ def fixres_command(weights: Path, data_dir: Path, *, crops: list[int] | None, ba
     if summary.is_file() and weights.name == "final.safetensors":  # a run's model: record the choice
         update_info(weights, test_size_info(info, chosen))
         data = json.loads(summary.read_text())
+        # the val_* figures stay those measured at metrics_at; the chosen size's are under "fixres"
+        data.setdefault("metrics_at", {"resize": data.get("test_resize"), "crop": data.get("test_crop")})
         data.update(summary_fields(chosen))
         write_json(summary, data)
         result["summary"] = str(summary)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fasttricks.progress import console
 from fasttricks.recipes import ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,16 +52,34 @@ def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     return Classifier(net, pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD))
 
 
+def weights_file(path: str | os.PathLike) -> Path:
+    """The weights a path stands for: a run folder means its ``final.safetensors``, a checkpoint
+    folder its ``model.safetensors``; a file is itself. Every command that takes weights reads
+    them through here, so ``eval runs/x`` and ``--set model.weights=runs/x`` both work."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "final.safetensors", path / "model.safetensors"):
+            if candidate.is_file():
+                return candidate
+        raise WeightsError(f"{path} holds neither final.safetensors (a finished run) nor model.safetensors "
+                           f"(a checkpoint folder)")
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    return path
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: safetensors, or a torch checkpoint read with
     ``weights_only=True`` (never an arbitrary unpickle). Wrappers ``state_dict``/``model`` and
     ``module.`` prefixes (DataParallel/DDP) are removed; MadryLab robustness checkpoints are
     recognised by their ``module.model.`` keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
+    path = weights_file(path)
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise WeightsError(f"{path} is not a readable safetensors file ({e}); a half-written or foreign "
+                               f"file?") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -93,9 +112,13 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     own = net.state_dict()
     classifier = _classifier_prefix(net)
     if classifier:
-        for k in [k for k in state if k.startswith(classifier + ".")]:
-            if k in own and own[k].shape != state[k].shape:
-                del state[k]
+        dropped = [k for k in state if k.startswith(classifier + ".") and k in own and own[k].shape != state[k].shape]
+        for k in dropped:
+            shape = tuple(state.pop(k).shape)
+        if dropped:
+            console.print(f"[yellow]{path}: its classifier ({shape[0]} outputs) does not fit this model's "
+                          f"{own[dropped[-1]].shape[0]} classes and is not loaded: the classifier starts from random "
+                          f"weights (fine-tuning to other classes)")
     missing = [k for k in own if k not in state and not (classifier and k.startswith(classifier + "."))]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state

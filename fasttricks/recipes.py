@@ -19,7 +19,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+def _pipelines() -> Path:
+    """The shipped recipes: ``fasttricks/pipelines/`` in an installed wheel, the repo's top-level
+    ``pipelines/`` in a clone or an editable install."""
+    here = Path(__file__).resolve().parent
+    installed = here / "pipelines"
+    return installed if installed.is_dir() else here.parent / "pipelines"
+
+
+PIPELINES = _pipelines()
 
 
 class RecipeError(ValueError):
@@ -290,6 +299,8 @@ class FixResConfig(Strict):
 
 
 class EvaluationConfig(Strict):
+    every: int = Field(1, ge=1, description="evaluate every K epochs; a stage's last epoch, its averaged model "
+                       "and the final model are always evaluated")
     attack: AdversarialConfig | None = Field(None, description="robust accuracy of the final model under this "
                                              "PGD attack (fp32); None: clean only")
 
@@ -300,27 +311,83 @@ class Recipe(Strict):
     seed: int = Field(0, ge=0, description="every random draw of a run is a function of it")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    stages: Annotated[list[StageConfig], Field(min_length=1)]
+    stages: Annotated[list[StageConfig], Field(
+        min_length=1, description="the stages in order. In a recipe with base: (and in --override files and "
+        "--set), a list merges item by item into the base's stages and must have as many items; "
+        "{0: {...}} patches one stage, {'*': {...}} every stage")]
     fixres: FixResConfig | None = Field(None, description="test-resolution sweep after training; None: off")
     evaluation: EvaluationConfig = EvaluationConfig()
     paper: dict[str, float] = Field(default_factory=dict, description="the paper's figures for this recipe "
                                     "(shown beside ours by `fasttricks ablate`)")
+    toy_override: str | None = Field(None, description="the override (relative to pipelines/) that makes this "
+                                     "recipe run on the toy set on a CPU in minutes; `train --data toy` applies it "
+                                     "when no --override is given. None: overrides/toy.yaml")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
-def recipe_path(name_or_path: str | os.PathLike, relative_to: Path | None = None) -> Path:
-    """A path as given (or relative to ``relative_to``), else ``pipelines/NAME.yaml``."""
+def toy_override(recipe: Recipe) -> Path:
+    """The override ``train --data toy`` applies to ``recipe`` when the user gives none."""
+    path = PIPELINES / (recipe.toy_override or "overrides/toy.yaml")
+    if not path.is_file():
+        raise RecipeError(f"toy_override: {path} does not exist")
+    return path
+
+
+def recipe_path(name_or_path: str | os.PathLike, relative_to: Path | None = None, what: str = "recipe") -> Path:
+    """A path as given (or relative to ``relative_to``), else a shipped one: ``NAME``, ``NAME.yaml``
+    or ``pipelines/NAME`` inside the installed recipes, so names work from any directory."""
+    name = str(name_or_path)
+    shipped = name.removeprefix("pipelines/")
     candidates = [Path(name_or_path)]
     if relative_to is not None:
         candidates.insert(0, relative_to / name_or_path)
-    candidates += [PIPELINES / f"{name_or_path}.yaml", PIPELINES / str(name_or_path)]
+    candidates += [PIPELINES / f"{shipped}.yaml", PIPELINES / shipped]
     for path in candidates:
         if path.is_file():
             return path
-    known = sorted(p.stem for p in PIPELINES.glob("*.yaml")) if PIPELINES.is_dir() else []
-    raise RecipeError(f"no recipe {str(name_or_path)!r}: not a file, and not one of {known} in {PIPELINES}")
+    raise RecipeError(f"no {what} {name!r}: not a file, and not one of {shipped_names()} in {PIPELINES} "
+                      f"(`fasttricks recipes` lists them)")
+
+
+def shipped_names() -> list[str]:
+    """Every shipped YAML by the name it is found under (``winner``, ``table1/2-heavy-aug``, ...)."""
+    if not PIPELINES.is_dir():
+        return []
+    return sorted(str(p.relative_to(PIPELINES).with_suffix("")) for p in PIPELINES.rglob("*.yaml"))
+
+
+def catalogue() -> list[dict]:
+    """Every shipped YAML: name (as ``--recipe``/``--override`` take it), kind, description, path.
+    A recipe's description is its own; an override's or a shared base's is its first comment line."""
+    rows = []
+    for name in shipped_names():
+        path = PIPELINES / f"{name}.yaml"
+        kind = ("override" if name.startswith("overrides/") else "shared base" if Path(name).name.startswith("_")
+                else "table row" if "/" in name else "recipe")
+        description = ""
+        if kind in ("recipe", "table row"):
+            try:
+                description = load_recipe(path).description
+            except RecipeError as e:
+                description = f"(invalid: {e})"
+        if not description:
+            comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+            description = comments[0] if comments else ""
+        rows.append({"name": name, "kind": kind, "description": description, "path": str(path)})
+    return rows
+
+
+def recipe_folder(name_or_path: str | os.PathLike) -> Path:
+    """A folder of recipes as given, else a shipped one (``table1``, ``pipelines/table2``)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = PIPELINES / str(name_or_path).removeprefix("pipelines/")
+    if shipped.is_dir():
+        return shipped
+    raise FileNotFoundError(f"{name_or_path} is not a folder of recipes (shipped: table1, table2)")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -345,32 +412,52 @@ def read_recipe_tree(name_or_path: str | os.PathLike, _seen: tuple = ()) -> dict
     return merge(read_recipe_tree(base, (*_seen, path)), data)
 
 
-def merge(base: Any, override: Any) -> Any:
-    """Deep merge: mappings key by key; a list is replaced by a list, or patched by a mapping
-    of indices (and ``*`` for every element); anything else is replaced."""
+def merge(base: Any, override: Any, path: str = "") -> Any:
+    """Deep merge, the one rule for ``base:``, ``--override`` and ``--set``: mappings key by key; a
+    list of mappings (``stages``) item by item, so a child lists only what each stage changes, and
+    a list of another length is an error (the items would no longer say which stage they change);
+    a mapping of indices (``{0: {...}}``, ``'*'`` for every item) patches the items it names; a
+    list of plain values (``betas``, ``average.epochs``) is replaced; anything else is replaced."""
     if isinstance(base, dict) and isinstance(override, dict):
         out = dict(base)
         for k, v in override.items():
-            out[k] = merge(base[k], v) if k in base else copy.deepcopy(v)
+            out[k] = merge(base[k], v, _join(path, k)) if k in base else copy.deepcopy(v)
         return out
     if isinstance(base, list) and isinstance(override, dict):
         out = list(base)
         for k, v in override.items():
-            for i in _list_indices(out, k):
-                out[i] = merge(out[i], v)
+            for i in _list_indices(out, k, path):
+                out[i] = merge(out[i], v, _join(path, i))
         return out
+    if _is_list_of_mappings(base) and isinstance(override, list):
+        if len(override) != len(base):
+            raise RecipeError(
+                f"{path or 'list'}: a list merges item by item into the base's {len(base)} item(s), but "
+                f"{len(override)} were given. Change some items with a mapping of indices ({path or 'stages'}: "
+                f"{{0: {{epochs: 5}}}}, or '*' for every item); for a different number of stages, write the "
+                f"recipe without base:")
+        return [merge(b, o, _join(path, i)) for i, (b, o) in enumerate(zip(base, override, strict=True))]
     return copy.deepcopy(override)
 
 
-def _list_indices(items: list, key: Any) -> range | list[int]:
+def _is_list_of_mappings(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _list_indices(items: list, key: Any, path: str = "") -> range | list[int]:
     if key == "*":
         return range(len(items))
     try:
         i = int(key)
     except (TypeError, ValueError):
-        raise RecipeError(f"a list is addressed by an index or '*', not {key!r}") from None
+        raise RecipeError(f"{path or 'a list'} is addressed by an index or '*', not {key!r}") from None
     if not -len(items) <= i < len(items):
-        raise RecipeError(f"index {i} is out of range for a list of {len(items)}")
+        raise RecipeError(f"{_join(path, i)}: index {i} is out of range ({path or 'the list'} has "
+                          f"{len(items)} item(s): 0..{len(items) - 1})")
     return [i]
 
 
@@ -388,15 +475,17 @@ def parse_set(assignment: str) -> dict:
 def load_recipe(name_or_path: str | os.PathLike, overrides: list[str | os.PathLike] = (),
                 sets: list[str] = ()) -> Recipe:
     """Load, merge ``overrides`` files then ``sets``, and validate."""
-    data = read_recipe_tree(name_or_path)
+    return apply_overrides(read_recipe_tree(name_or_path), overrides, sets, source=str(name_or_path))
+
+
+def apply_overrides(data: dict, overrides: list[str | os.PathLike] = (), sets: list[str] = (), *,
+                    source: str = "recipe") -> Recipe:
+    """A raw recipe with ``overrides`` files then ``sets`` merged over it, validated."""
     for file in overrides:
-        path = Path(file)
-        if not path.is_file():
-            raise RecipeError(f"override file {path} does not exist")
-        data = merge(data, _read_yaml(path))
+        data = merge(data, _read_yaml(recipe_path(file, what="override file")))
     for assignment in sets:
         data = merge(data, parse_set(assignment))
-    return validate(data, source=str(name_or_path))
+    return validate(data, source=source)
 
 
 def validate(data: dict, source: str = "recipe") -> Recipe:

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 import shutil
 import subprocess
 from collections.abc import Callable
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import yaml
 
 from fasttricks import recipes
 from fasttricks.atomic import write_json, write_text
+from fasttricks.progress import console
 
 PACKAGES = ("fasttricks", "torch", "torchvision", "ffcv", "numba", "numpy", "timm", "kornia", "robustness",
             "brainscore-vision")
@@ -29,27 +32,127 @@ class RunFolderError(FileExistsError):
     pass
 
 
+LOCK_NAME = ".lock"
+RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "checkpoints", LOCK_NAME)
+
+
+def saved_recipe(out: Path) -> recipes.Recipe:
+    """The resolved recipe a run folder was started with (``config.yaml``)."""
+    config = out / "config.yaml"
+    if not config.is_file():
+        raise RunFolderError(f"{out} holds no run (no config.yaml): nothing to resume; start it without --resume")
+    return recipes.validate(yaml.safe_load(config.read_text()), source=str(config))
+
+
+def is_run(out: Path) -> bool:
+    """A folder holds a run once it has a checkpoint or a final model. One that failed before its
+    first checkpoint (config.yaml, environment.json only) is not one: a retry takes it over."""
+    from fasttricks.checkpoint import list_checkpoints
+
+    return (out / "final.safetensors").is_file() or bool(list_checkpoints(out))
+
+
+def recipe_differences(old: recipes.Recipe, new: recipes.Recipe) -> list[str]:
+    """``key: old -> new`` for every leaf that differs (dotted keys, stage lists by index)."""
+    out: list[str] = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in dict.fromkeys([*a, *b]):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and all(
+                isinstance(x, dict) for x in a + b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{path}.{i}")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+
+    walk(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+    return out
+
+
 def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool) -> recipes.Recipe:
     """Create (or re-open, with ``resume``) the run folder; returns the recipe the run uses.
 
-    A resumed run continues with the recipe saved in its folder; a different one is an error,
-    since the result would be neither run."""
-    config = out / "config.yaml"
-    if resume and config.is_file():
-        saved = recipes.validate(yaml.safe_load(config.read_text()), source=str(config))
-        if saved != recipe:
-            raise RunFolderError(f"{out} was started with a different recipe than the one given now; "
-                                 f"resume it with the same recipe and --set values, or choose a new --out")
+    A resumed run continues with the recipe saved in its folder; a different one is an error
+    naming the keys that differ, since the result would be neither run."""
+    if resume and is_run(out):
+        saved = saved_recipe(out)
+        changed = recipe_differences(saved, recipe)
+        if changed:
+            raise RunFolderError(f"{out} was started with another recipe; these keys differ (saved -> given): "
+                                 + "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+                                 + ". Resume with --resume --out alone (the saved recipe), or choose a new --out")
         return saved
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
+    contents = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if contents and not resume:
+        if is_run(out) and not overwrite:
             raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or "
                                  f"--overwrite to replace it")
-        shutil.rmtree(out)
+        foreign = [p.name for p in contents if p.name not in RUN_FILES]
+        if foreign and not overwrite:
+            raise RunFolderError(f"{out} holds files that are not a run's ({', '.join(sorted(foreign)[:5])}); "
+                                 f"choose another --out, or pass --overwrite to replace them")
+    if resume and not is_run(out):  # a run that failed before its first checkpoint: start it again
+        console.print(f"[yellow]{out} holds no checkpoint: starting the run from the beginning")
+    for p in contents:  # a replaced run, or one that never reached its first checkpoint
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    write_text(config, recipes.dump(recipe))
+    write_text(out / "config.yaml", recipes.dump(recipe))
     write_json(out / "environment.json", environment())
     return recipe
+
+
+def check_resumable(out: Path) -> None:
+    """``--resume`` needs a run folder (a started run's config.yaml); checked before anything is written."""
+    if not (out / "config.yaml").is_file():
+        raise RunFolderError(f"{out} holds no run to resume (no {out / 'config.yaml'}); start it without --resume")
+
+
+@contextmanager
+def lock(out: Path):
+    """Hold ``out/.lock`` for the duration: a second process writing the same run folder is
+    refused with the owner's pid. The lock is an ``flock``, which the kernel drops when its owner
+    dies, so a lock file left by a killed run is stale and simply taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            raise RunFolderError(f"{out} is being written by another process (pid {owner}, {path}); "
+                                 f"wait for it to end, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: a finished run leaves no lock file
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def recipe_for_train(name: str | None, overrides: list, sets: list[str], *, out: Path | None, resume: bool,
+                     toy: bool) -> tuple[recipes.Recipe, Path]:
+    """The recipe and run folder a ``train`` command means. ``--resume`` without ``--recipe`` takes
+    the recipe saved in the run folder (``--set``/``--override`` then apply on top of it, and
+    ``prepare`` refuses them if they change it). With ``toy`` and no override, the recipe's toy
+    override is applied, said in one line."""
+    if resume and name is None:
+        if out is None:
+            raise RunFolderError("--resume needs --out RUN (the run folder to continue)")
+        raw = saved_recipe(out).model_dump(mode="json")
+        return recipes.apply_overrides(raw, overrides, sets, source=str(out / "config.yaml")), out
+    name = name or "baseline"
+    if toy and not overrides:
+        overrides = [recipes.toy_override(recipes.load_recipe(name))]
+        console.print(f"--data toy: applying {overrides[0]} (a tiny model and budget for a CPU; "
+                      f"--no-toy-settings trains the recipe as written)")
+    recipe = recipes.load_recipe(name, overrides, sets)
+    return recipe, out or Path("runs") / recipe.name
 
 
 def environment() -> dict:

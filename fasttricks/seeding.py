@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-AUGMENT, ATTACK = 1, 2  # stream ids: augmentation/mixing, PGD random start
+AUGMENT, ATTACK, EVAL_ATTACK = 1, 2, 3  # stream ids: augmentation/mixing, PGD random start, robust evaluation
 
 
 def stream_seed(seed: int, epoch: int, step: int, stream: int, rank: int = 0) -> int:

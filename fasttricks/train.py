@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +27,14 @@ from fasttricks.augment.mixing import mix
 from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
 from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, read_info, save_checkpoint, save_weights
 from fasttricks.data.beton import read_manifest
+from fasttricks.data.classes import data_classes
 from fasttricks.data.loader import TrainLoader, beton_paths
 from fasttricks.devices import autocast, default_device
 from fasttricks.distributed import dist_info
 from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
 from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
-from fasttricks.recipes import OptimizerConfig, Recipe, StageConfig
+from fasttricks.recipes import OptimizerConfig, Recipe, RecipeError, StageConfig
 from fasttricks.schedules import lr_factor, resolution_at
 
 LOG_EVERY = 20  # steps between progress updates, the only syncs of a step
@@ -106,6 +108,7 @@ class Run:
     show_progress: bool
     interrupt: _InterruptFlag
     epochs_before: list[int] = field(default_factory=list)  # global epoch index of each stage's start
+    last_row: dict | None = None  # the newest metrics row, the same on every rank (rank 0 alone writes the file)
 
     def save(self, position: Position, state: dict) -> Path | None:
         if not self.is_main:
@@ -124,10 +127,21 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     out, device = Path(out), device or default_device()
     rank, world = dist_info()
     paths = beton_paths(data_dir)
-    classes = read_manifest(paths["train"])["classes"]
-    if rank == 0:
-        recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite)
-    distributed.barrier()  # the folder is ready (or cleared) before any rank looks into it
+    classes = data_classes(data_dir)
+    _check_batch_sizes(recipe, read_manifest(paths["train"])["images"], world)
+    if resume and rank == 0:
+        runs.check_resumable(out)
+    with runs.lock(out) if rank == 0 else nullcontext():
+        if rank == 0:
+            recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite)
+        distributed.barrier()  # the folder is ready (or cleared) before any rank looks into it
+        return _train(recipe, data_dir, paths, classes, out, device, resume=resume, stop_after=stop_after,
+                      show_progress=show_progress)
+
+
+def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out: Path, device: torch.device, *,
+           resume: bool, stop_after: int | None, show_progress: bool) -> dict:
+    rank, world = dist_info()
     torch.manual_seed(recipe.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -139,7 +153,8 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
             "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name}
     loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
-                          batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers)
+                          batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
+                          distributed=world > 1)  # every rank evaluates its shard
     starts = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
     with _InterruptFlag() as interrupt:
         train_model = torch.compile(model) if recipe.model.compile else model
@@ -159,6 +174,19 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     summary = _finish(run, time.time() - started)
     distributed.barrier()
     return summary
+
+
+def _check_batch_sizes(recipe: Recipe, images: int, world: int) -> None:
+    """Every stage's batch divides among the processes and fits the training set (FFCV drops the
+    last partial batch, so a larger batch would give epochs of no step)."""
+    for i, stage in enumerate(recipe.stages):
+        key = f"--set stages.{i}.batch_size=N"
+        if stage.batch_size % world:
+            raise RecipeError(f"stage {i} ({stage.name}): batch_size {stage.batch_size} (the global batch) does not "
+                              f"divide among {world} processes; choose a multiple of {world} with {key}")
+        if stage.batch_size // world > images // world:
+            raise RecipeError(f"stage {i} ({stage.name}): batch_size {stage.batch_size} is more than the "
+                              f"{images} training images ({images // world} per process); lower it with {key}")
 
 
 def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dict | None, *,
@@ -190,6 +218,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
         resume_step = begin.step if epoch == begin.epoch else 0
         row = _run_epoch(run, s, stage, epoch, loader, step_model, optimizer, criterion, augment, ema, resume_step,
                          state if resume_step else None)
+        run.last_row = row
         if run.is_main:
             runs.append_metrics(run.out, row)
         run.save(Position(s, epoch + 1), {"optimizer": optimizer.state_dict(), **_rng_state(), **_ema_state(ema)})
@@ -230,8 +259,9 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
         recalibrate_batch_norm(run.model, run.model.net, batches, run.info["frozen"])
     distributed.broadcast_weights(run.model.net)  # identical on every rank to the last bit
     row = {"stage": stage.name, "stage_index": s, "epoch": stage.epochs, "averaged": how, "resolution": res}
+    row.update(as_row(evaluate_splits(run.model, run.val_loaders, run.device)))
+    run.last_row = row
     if run.is_main:
-        row.update(as_row(evaluate_splits(run.model, run.val_loaders, run.device)))
         runs.append_metrics(run.out, row)
         if run.show_progress:
             console.print(f"{stage.name}: weights averaged ({how}) · " + _describe_accuracy(row))
@@ -308,7 +338,8 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
     row = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
            "resolution": res, "train_loss": loss_sum.item() / max(done, 1),
            "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2)}
-    if run.is_main:  # evaluation: rank 0 alone (the others wait in the next all-reduce)
+    every = run.recipe.evaluation.every
+    if (epoch + 1) % every == 0 or epoch + 1 == stage.epochs:  # every rank its shard
         row.update(as_row(evaluate_splits(run.model, run.val_loaders, device)))
     if run.is_main and run.show_progress:
         console.print(_describe_row(row))
@@ -335,7 +366,7 @@ def _describe_accuracy(row: dict) -> str:
 
 
 def _check_finite(run: Run, stage: StageConfig, epoch: int, first_bad: torch.Tensor) -> None:
-    bad = int(first_bad.item())
+    bad = distributed.earliest_step(first_bad)  # agreed: every rank raises the same, together
     if bad >= 0:
         kept = list_checkpoints(run.out)
         where = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -388,7 +419,7 @@ def _final_metrics(run: Run) -> dict:
 def _finish(run: Run, seconds: float) -> dict:
     """After the last stage: the FixRes sweep (when the recipe has one), the final evaluation at
     the chosen test size (robust accuracy too when the recipe asks), final.safetensors, summary.json."""
-    last = _final_metrics(run)
+    last = run.last_row or _final_metrics(run)  # (read back when this call trained nothing)
     data = run.recipe.data
     summary = {"run": str(run.out.resolve()), "recipe": run.recipe.name, "model": run.recipe.model.arch,
                "epochs": sum(s.epochs for s in run.recipe.stages),
@@ -397,12 +428,15 @@ def _finish(run: Run, seconds: float) -> dict:
                "test_resize": data.val_resize, "test_crop": data.val_crop,
                "seconds_this_call": round(seconds, 1)}
     summary.update({k: v for k, v in last.items() if k.startswith(("val", "train_loss", "images_per_s"))})
+    # every rank sweeps, fine-tunes and evaluates (sharded); rank 0 writes
+    if run.recipe.fixres is not None:
+        summary.update(_fixres(run))
+    attack = run.recipe.evaluation.attack
+    summary["metrics_at"] = {"resize": data.val_resize, "crop": data.val_crop}  # where val_* were measured
+    if run.recipe.fixres is not None or attack is not None:
+        summary.update(_final_accuracy(run, summary["test_resize"], summary["test_crop"], attack))
+        summary["metrics_at"] = {"resize": summary["test_resize"], "crop": summary["test_crop"]}
     if run.is_main:
-        if run.recipe.fixres is not None:
-            summary.update(_fixres(run))
-        attack = run.recipe.evaluation.attack
-        if run.recipe.fixres is not None or attack is not None:
-            summary.update(_final_accuracy(run, summary["test_resize"], summary["test_crop"], attack))
         save_weights(run.out / "final.safetensors", run.model.net, run.info)
         runs.write_json(run.out / "summary.json", summary)
     return summary
@@ -415,11 +449,12 @@ def _fixres(run: Run) -> dict:
     _, chosen = fixres.choose(run.model, run.val_loaders, cfg.sizes or fixres.default_sizes(data.val_crop),
                               ratio=data.val_crop / data.val_resize, device=run.device, out_dir=run.out,
                               train_crop=run.info.get("train_resolution"), title=f"FixRes: {run.recipe.name}",
-                              show_progress=run.show_progress)
-    if cfg.finetune is not None:
+                              show_progress=run.show_progress and run.is_main, write=run.is_main)
+    if cfg.finetune is not None:  # every rank, the same batches (a SyncBatchNorm then all-gathers on every rank)
         fixres.finetune(run.model, run.model.net, run.train_beton, crop=chosen["crop"], resize=chosen["resize"],
                         cfg=cfg.finetune, seed=run.recipe.seed, device=run.device, workers=data.workers,
-                        frozen=run.info.get("frozen", []), show_progress=run.show_progress)
+                        frozen=run.info.get("frozen", []), show_progress=run.show_progress and run.is_main)
+        distributed.broadcast_weights(run.model.net)
     run.info.update(fixres.test_size_info(run.info, chosen))
     return fixres.summary_fields(chosen)
 

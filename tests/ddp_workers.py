@@ -109,3 +109,52 @@ def ddp_steps(rank: int, world: int, port: int, out: str, steps: int = 3) -> Non
         dist.barrier()  # both done talking before either tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
+
+
+def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """Train with a loss that turns NaN on rank 1 only, at its third step: what each rank raised."""
+    from fasttricks import train as train_mod
+    from fasttricks.recipes import PIPELINES, load_recipe
+
+    _join(rank, world, port)
+    try:
+        real_step, calls = train_mod.training_step, []
+
+        def nan_on_rank_one(*args, **kwargs):
+            calls.append(1)
+            loss = real_step(*args, **kwargs)
+            return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+
+        train_mod.training_step = nan_on_rank_one
+        recipe = load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"],
+                             ["stages.0.epochs=2", "data.val_resize=48", "data.val_crop=40", "data.workers=1"])
+        try:
+            train_mod.train(recipe, data, out, device=torch.device("cpu"), show_progress=False)
+            message = "finished"
+        except train_mod.TrainingDiverged as e:
+            message = str(e)
+        Path(out).parent.joinpath(f"rank{rank}.txt").write_text(message)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def sharded_accuracy(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """Each rank evaluates its shard of val and val_clutter; the all-reduced result, and how many
+    images this rank's loader gave."""
+    from fasttricks.evaluate import evaluate_splits, val_loaders
+    from fasttricks.models import create_model
+    from fasttricks.recipes import ModelConfig
+
+    _join(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        model = create_model(ModelConfig(arch="test_efficientnet"), 10).eval()
+        loaders = val_loaders(data, resize=48, crop=40, batch_size=32, device=torch.device("cpu"), workers=1,
+                              distributed=True)
+        shard = {split: sum(y.shape[0] for _, y in loader) for split, loader in loaders.items()}
+        results = evaluate_splits(model, loaders, torch.device("cpu"))
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"results": results, "shard": shard}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

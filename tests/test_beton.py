@@ -149,7 +149,7 @@ def test_a_file_that_breaks_during_the_write_fails_the_build_without_hanging_or_
         tmp_path, monkeypatch):
     _folder(tmp_path / "src")
     (tmp_path / "src" / "a_cat" / "0.png").write_bytes(b"garbage now")
-    monkeypatch.setattr(beton, "check_image", lambda path: None)  # the check saw it intact
+    monkeypatch.setattr(beton, "check_image", lambda path, max_res=None: None)  # the check saw it intact
     with pytest.raises(BuildError, match="a_cat/0.png"):
         build_beton(tmp_path / "src", tmp_path / "out.beton", RAW, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no beton, no temporary, no manifest

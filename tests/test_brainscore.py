@@ -54,7 +54,7 @@ def plugin(run, tmp_path_factory):
     return out, config
 
 
-def test_export_writes_the_plugin_layout_pinned_and_named_by_resolution(plugin):
+def test_export_writes_the_plugin_layout_unpinned_and_named_by_resolution(plugin):
     out, config = plugin
     assert {p.name for p in out.iterdir()} == {"__init__.py", "model.py", "model.json", "test.py",
                                               "requirements.txt", "weights.safetensors", "region_layer_map"}
@@ -63,7 +63,10 @@ def test_export_writes_the_plugin_layout_pinned_and_named_by_resolution(plugin):
     assert f"model_registry['{name}'] = lambda: ModelCommitment(" in (out / "__init__.py").read_text()
     assert json.loads((out / "region_layer_map" / f"{name}.json").read_text()) == {"V1": "blocks.1", "IT": "blocks.4"}
     requirements = (out / "requirements.txt").read_text().splitlines()
-    assert "torch==2.14.1" in requirements and any(r.startswith("timm==") for r in requirements)
+    # names with bounds where a feature needs one, never this machine's exact builds
+    assert "torch" in requirements and "timm>=1.0.9" in requirements
+    assert not any("==" in r for r in requirements)
+    assert config["source"]["exported_with"]["torch"]  # the versions are recorded, not imposed
     assert config["layers"][-1] == config["behavioral_readout_layer"] == "global_pool"
     assert "blocks.4.0.conv_pwl" in config["layers"] and (config["resize"], config["crop"]) == (48, 40)
     assert "fasttricks" not in (out / "model.py").read_text().split('"""', 2)[2]  # no import of ours

@@ -72,7 +72,7 @@ def torchrun_run(toy_data, tmp_path_factory):
 
 def test_torchrun_training_writes_the_run_from_rank_zero_only(torchrun_run):
     out = torchrun_run
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "environment.json",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "environment.json",  # no .lock left
                                                     "final.safetensors", "fixres.csv", "fixres.png",
                                                     "metrics.jsonl", "summary.json"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["s0-e001", "s1-e001", "s1-e002",
@@ -95,3 +95,31 @@ def test_torchrun_resume_in_stage_two_ends_where_the_uninterrupted_run_ends(torc
     a, b = load_file(str(torchrun_run / "final.safetensors")), load_file(str(tmp_path / "r" / "final.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "r" / "fixres.csv").read_text() == (torchrun_run / "fixres.csv").read_text()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(toy_data, tmp_path):
+    mp.spawn(ddp_workers.diverge_on_rank_one, args=(2, _free_port(), str(toy_data), str(tmp_path / "r")), nprocs=2)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1]
+    assert "non-finite loss in stage 'train', epoch 1, step 3" in messages[0]
+    assert not (tmp_path / "r" / "checkpoints").exists() or not any((tmp_path / "r" / "checkpoints").iterdir())
+
+
+def test_sharded_evaluation_on_two_ranks_gives_the_numbers_of_one_process(toy_data, tmp_path):
+    from fasttricks.evaluate import evaluate_splits, val_loaders
+    from fasttricks.models import create_model
+    from fasttricks.recipes import ModelConfig
+
+    mp.spawn(ddp_workers.sharded_accuracy, args=(2, _free_port(), str(toy_data), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10).eval()
+    one = evaluate_splits(model, val_loaders(toy_data, resize=48, crop=40, batch_size=32, device=torch.device("cpu"),
+                                             workers=1), torch.device("cpu"))
+    for split in ("val", "val_clutter"):
+        assert ranks[0]["shard"][split] + ranks[1]["shard"][split] == one[split]["images"] == 100  # disjoint halves
+        assert ranks[0]["shard"][split] == 50
+        for r in ranks:
+            assert r["results"][split]["images"] == one[split]["images"]
+            assert r["results"][split]["top1"] == pytest.approx(one[split]["top1"])
+            assert r["results"][split]["top5"] == pytest.approx(one[split]["top5"])

@@ -41,7 +41,7 @@ def test_bad_choice_names_the_allowed_values_and_what_was_given():
     ("stages.0.epochs=0", "greater than or equal to 1"),
     ("stages.0.resolution.min=300", "min (300) cannot exceed max"),
     ("data.val_crop=400", "val_crop (400) cannot exceed val_resize"),
-    ("stages.5.epochs=1", "index 5 is out of range"),
+    ("stages.5.epochs=1", "stages.5: index 5 is out of range"),
     ("stages", "dotted.key=value"),
 ])
 def test_invalid_values_are_reported_with_their_reason(assignment, fragment):
@@ -69,7 +69,7 @@ def test_missing_recipe_and_bad_yaml_are_clear(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(RecipeError, match="no override file"):
         load_recipe("baseline", overrides=[tmp_path / "none.yaml"])
 
 
@@ -78,3 +78,27 @@ def test_merge_semantics():
     assert merge([{"x": 1}, {"x": 2}], {"*": {"y": 0}}) == [{"x": 1, "y": 0}, {"x": 2, "y": 0}]
     assert merge([1, 2], [3]) == [3]
     assert parse_set("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+
+
+def test_a_child_stage_list_merges_item_by_item_into_the_base(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: baseline\nname: child\nstages: [ {mixing: {kind: cutmix}} ]\n")
+    child, base = load_recipe(tmp_path / "child.yaml"), load_recipe("baseline")
+    assert child.stages[0].mixing.kind == "cutmix"
+    # everything else of the base's stage is kept: epochs, lr, schedule, warm-up, resolution
+    assert child.stages[0].model_dump(exclude={"mixing"}) == base.stages[0].model_dump(exclude={"mixing"})
+    assert child.stages[0].epochs == 40 and child.stages[0].resolution.max == 240
+
+
+def test_a_stage_list_of_another_length_is_refused_with_the_form_to_use(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: baseline\nname: child\nstages: [ {epochs: 1}, {epochs: 2} ]\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tmp_path / "child.yaml")
+    msg = str(e.value)
+    assert "stages" in msg and "1 item" in msg and "2 were given" in msg and "{0: {epochs: 5}}" in msg
+
+
+def test_lists_of_plain_values_are_replaced_and_out_of_range_names_the_list():
+    assert merge({"betas": [0.9, 0.999]}, {"betas": [0.5, 0.9]}) == {"betas": [0.5, 0.9]}
+    assert merge([{"a": 1}], [{"b": 2}]) == [{"a": 1, "b": 2}]
+    with pytest.raises(RecipeError, match=r"stages\.3: index 3 is out of range \(stages has 1 item"):
+        load_recipe("baseline", sets=["stages.3.epochs=1"])

@@ -54,7 +54,9 @@ def test_a_run_leaves_every_promised_file(full_run):
         assert key in rows[0]
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary and saved["val_top1"] == rows[-1]["val_top1"]
-    assert json.loads((out / "environment.json").read_text())["packages"]["ffcv"] == "1.0.2"
+    from importlib import metadata  # the run records the versions it ran with
+
+    assert json.loads((out / "environment.json").read_text())["packages"]["ffcv"] == metadata.version("ffcv")
 
 
 def test_resume_after_stopping_ends_exactly_where_the_uninterrupted_run_ends(full_run, toy_data, tmp_path):
@@ -155,8 +157,22 @@ def test_resume_with_a_different_recipe_is_refused(full_run, toy_data):
     out, _ = full_run
     from fasttricks.runs import RunFolderError
 
-    with pytest.raises(RunFolderError, match="different recipe"):
+    with pytest.raises(RunFolderError, match=r"keys differ.*stages\.0\.optimizer\.lr: 0\.2 -> 0\.01"):
         train(_recipe(4, "stages.0.optimizer.lr=0.01"), toy_data, out, resume=True, show_progress=False)
+
+
+def test_resume_with_only_the_run_folder_takes_its_saved_recipe(toy_data, tmp_path):
+    out = tmp_path / "r"
+    part = train(_recipe(), toy_data, out, stop_after=1, show_progress=False)
+    assert part["stopped_after_epochs"] == 1
+    # the hint the run prints is the whole command: no recipe, --override or --set repeated
+    result = CliRunner().invoke(app, ["train", "--resume", "--out", str(out), "--data", str(toy_data)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    result = CliRunner().invoke(app, ["train", "--resume", "--out", str(out), "--data", str(toy_data),
+                                      "--set", "stages.0.epochs=9"])
+    assert result.exit_code == 2 and "stages.0.epochs: 4 -> 9" in result.output
 
 
 @pytest.mark.gpu

@@ -36,6 +36,12 @@ def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.Path
     if not 0 <= stage < len(recipe.stages):
         raise ValueError(f"--stage must be in 0..{len(recipe.stages) - 1}, not {stage}")
     cfg = recipe.stages[stage]
+    if cfg.augment is None and cfg.mixing is None:
+        with_aug = [i for i, s in enumerate(recipe.stages) if s.augment is not None or s.mixing is not None]
+        hint = (f"; stage(s) {', '.join(map(str, with_aug))} have: --stage {with_aug[0]}" if with_aug
+                else "; choose a recipe that has, e.g. pipelines/table1/5-heavy-aug-fcutmix.yaml")
+        raise ValueError(f"{recipe.name} stage {stage} ({cfg.name!r}) has no augmentation or mixing: both rows of "
+                         f"the grid would be the same images{hint}")
     paths = beton_paths(data_dir)
     classes = read_manifest(paths["train"])["classes"]
     res = resolution_at(cfg.resolution, cfg.epochs - 1)

@@ -21,13 +21,18 @@ from pathlib import Path
 
 from fasttricks.brainscore.layers import READOUT, candidate_layers
 from fasttricks.checkpoint import read_info
-from fasttricks.models import WeightsError
+from fasttricks.models import WeightsError, weights_file
 
 PLUGIN_MODEL = Path(__file__).with_name("plugin_model.py")
 WEIGHTS_NAME = "weights.safetensors"
 REGIONS = ("V1", "V2", "V4", "IT")
 # what model.py imports; the versions of this environment (the one that trained) are pinned
-REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pillow", "opencv-python-headless")
+# What the plugin's model.py imports, as Brain-Score plugins list it: names, with a bound only where
+# a feature needs one (timm's registry names, numpy<2 as brainscore_vision itself). Exact pins of
+# this machine's builds would make Brain-Score reinstall torch, or fail; the versions the model was
+# exported with are recorded in model.json instead.
+REQUIREMENTS = {"torch": "", "timm": ">=1.0.9", "safetensors": ">=0.4", "numpy": "<2", "pillow": "",
+                "opencv-python-headless": ""}
 
 
 class ExportError(ValueError):
@@ -36,16 +41,12 @@ class ExportError(ValueError):
 
 def find_weights(source: Path) -> tuple[Path, dict]:
     """(weights file, summary or {}) of a run folder, a checkpoint folder or a weights file."""
-    if source.is_dir():
-        for candidate in (source / "final.safetensors", source / "model.safetensors"):
-            if candidate.is_file():
-                summary = source / "summary.json"
-                return candidate, json.loads(summary.read_text()) if summary.is_file() else {}
-        raise ExportError(f"{source} holds neither final.safetensors (a finished run) nor model.safetensors "
-                          "(a checkpoint)")
-    if not source.is_file():
-        raise ExportError(f"{source} does not exist")
-    return source, {}
+    try:
+        weights = weights_file(source)
+    except WeightsError as e:
+        raise ExportError(str(e)) from None
+    summary = weights.parent / "summary.json"
+    return weights, json.loads(summary.read_text()) if source.is_dir() and summary.is_file() else {}
 
 
 def identifier_for(info: dict, run_name: str, resize: int, crop: int, given: str | None = None) -> str:
@@ -108,7 +109,8 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
               "layers": layers, "behavioral_readout_layer": READOUT, "batch_size": 64,
               "source": {"weights": str(weights.resolve()), "recipe": info.get("recipe"),
                          "fixres": info.get("fixres"), "frozen": info.get("frozen", []),
-                         "summary": {k: v for k, v in summary.items() if k.endswith(("_top1", "attack"))}}}
+                         "summary": {k: v for k, v in summary.items() if k.endswith(("_top1", "attack"))},
+                         "exported_with": versions()}}
     region_map = parse_regions(list(regions), layers)
     _write_folder(out, config, weights, region_map, overwrite)
     return config
@@ -139,7 +141,7 @@ def _write_folder(out: Path, config: dict, weights: Path, region_map: dict, over
         (tmp / "__init__.py").write_text(_INIT.format(name=name))
         (tmp / "test.py").write_text(_TEST.format(name=name))
         (tmp / "requirements.txt").write_text(
-            "".join(f"{p}=={v}\n" if v else f"{p}\n" for p, v in versions().items()))
+            "".join(f"{p}{bound}\n" for p, bound in REQUIREMENTS.items()))
         if region_map:
             (tmp / "region_layer_map").mkdir()
             (tmp / "region_layer_map" / f"{name}.json").write_text(json.dumps(region_map, indent=1) + "\n")

@@ -74,12 +74,15 @@ def activations(source: Path, images: list[Path], layers: list[str] | None, out:
     plugin = load_plugin(plugin_for(source))
     name = plugin.CONFIG["identifier"]
     layers = layers or [plugin.behavioral_readout_layer(name)]
-    unknown = [layer for layer in layers if layer not in plugin.get_layers(name)]
+    wrapper = plugin.get_model(name)
+    # any named module can be read (the stem, say), not only the layers the export offers Brain-Score
+    modules = {n for n, _ in wrapper._model.named_modules() if n}
+    unknown = [layer for layer in layers if layer not in modules]
     if unknown:
-        raise ExportError(f"--layers: {', '.join(unknown)} not among the model's layers "
-                          f"({', '.join(plugin.get_layers(name))})")
+        raise ExportError(f"--layers: {', '.join(unknown)} is not a module of the network; for example "
+                          f"{', '.join(plugin.get_layers(name)[:6])} ... (any name of net.named_modules())")
     files = [str(p) for p in image_files(images)]
-    assembly = plugin.get_model(name)(files, layers=layers)
+    assembly = wrapper(files, layers=layers)
     arrays = {layer: np.asarray(assembly.sel(layer=layer).values) for layer in layers}
     order = [str(p) for p in assembly["stimulus_path"].values]
     with atomic_path(out) as tmp, open(tmp, "wb") as f:

@@ -40,6 +40,8 @@ class BetonOptions:
     workers: int = 0  # 0: one per core
     limit: int | None = None
     seed: int = 0  # which files --limit keeps
+    classes_from: str | None = None  # a beton whose manifest's class list defines the ids
+    smart_threshold: int = 256 * 256 * 3  # write_mode smart: images with more raw bytes are stored as JPEG
 
     def validate(self) -> None:
         if self.write_mode not in WRITE_MODES:
@@ -97,20 +99,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def check_image(path: Path) -> str | None:
-    """None if ``path`` decodes completely, else why not.
+FFCV_MAX_SIDE = 65535  # FFCV stores heights and widths as uint16
+
+
+def check_image(path: Path, max_res: int | None = None) -> str | None:
+    """None if ``path`` decodes and converts to RGB as the write will, else why not.
 
     JPEGs are decoded in draft mode (DCT scaling, several times faster): the whole entropy-coded
-    stream is still read, so truncation is still caught.
+    stream is still read, so truncation is still caught, and the conversion to RGB that the write
+    applies runs on the same mode, so a file it would fail on is skipped here instead of aborting
+    the build.
     """
     try:
         if path.stat().st_size == 0:
             return "empty file"
         with Image.open(path) as img:
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-            img.load()
-            if img.width < 1 or img.height < 1:
+            width, height = img.size
+            if width < 1 or height < 1:
                 return "zero-sized image"
+            longest = max(width, height) if max_res is None else min(max(width, height), max_res)
+            if longest > FFCV_MAX_SIDE:
+                return f"side of {max(width, height)} px: FFCV stores at most {FFCV_MAX_SIDE}; set --max-res"
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+            to_rgb(img)
         return None
     except Image.DecompressionBombError as e:
         return f"too large: {e}"
@@ -129,15 +141,33 @@ def load_rgb(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Scanning a folder
 
-def scan_image_folder(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Classes (sorted folder names) and (relative path, label) for every image-like file."""
+SPLIT_NAMES = {"train", "val", "validation", "val_clutter", "test"}
+
+
+def scan_image_folder(src: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """Classes and (relative path, label) for every image-like file. The classes are ``src``'s
+    sorted folder names, or ``classes`` (another split's list, so that ids agree): then a folder
+    may lack some of them, and a folder not in the list is an error."""
     if not src.is_dir():
         raise BuildError(f"{src} is not a folder")
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    folders = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
         raise BuildError(f"{src} has no class folders: expected SRC/<class>/<image> (ImageNet layout)")
+    splits = [f for f in folders if f in SPLIT_NAMES]
+    if splits and (len(splits) >= 2 or len(splits) == len(folders)):
+        raise BuildError(f"{src} holds split folders ({', '.join(splits)}), not class folders: build each split on "
+                         f"its own, e.g. `fasttricks build-beton {src / splits[0]} OUT/{splits[0]}.beton`")
+    if classes is None:
+        classes = folders
+    else:
+        unknown = [f for f in folders if f not in set(classes)]
+        if unknown:
+            raise BuildError(f"{src}: class folder(s) {', '.join(unknown[:8])} are not in the --classes-from list "
+                             f"of {len(classes)} classes")
     samples = []
     for label, name in enumerate(classes):
+        if not (src / name).is_dir():
+            continue  # a split that lacks a class keeps every other class's id
         for root, dirs, files in os.walk(src / name):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for f in sorted(files):
@@ -145,7 +175,7 @@ def scan_image_folder(src: Path) -> tuple[list[str], list[tuple[str, int]]]:
                     samples.append((str(Path(root, f).relative_to(src)), label))
     if not samples:
         raise BuildError(f"{src} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return classes, samples
+    return list(classes), samples
 
 
 def _limit(samples: list, limit: int | None, seed: int) -> list:
@@ -192,18 +222,19 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
         raise BuildError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    classes, samples = scan_image_folder(src)
+    classes, samples = scan_image_folder(src, _classes_from(opts.classes_from))
     samples = _limit(samples, opts.limit, opts.seed)
     workers = opts.workers or os.cpu_count() or 1
 
-    good, skipped = _check_all(src, samples, workers, show_progress)
+    good, skipped = _check_all(src, samples, workers, show_progress, opts.max_res)
     if not good:
         raise BuildError(f"no readable image in {src}: all {len(skipped)} files were skipped "
                          f"(first: {skipped[0]['file']}: {skipped[0]['reason']})")
 
     fields = {"image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_res,
                                      jpeg_quality=opts.jpeg_quality,
-                                     compress_probability=opts.compress_probability),
+                                     compress_probability=opts.compress_probability,
+                                     smart_threshold=opts.smart_threshold),
               "label": IntField()}
     with tempfile.TemporaryDirectory(prefix="fasttricks-failures-") as failures, atomic_path(out) as tmp:
         if show_progress:
@@ -223,12 +254,23 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
     return manifest
 
 
-def _check_all(src: Path, samples: list, workers: int, show_progress: bool) -> tuple[list, list]:
+def _classes_from(beton: str | None) -> list[str] | None:
+    if beton is None:
+        return None
+    if not manifest_path(beton).is_file():
+        raise BuildError(f"--classes-from {beton}: no manifest {manifest_path(beton)} (give a beton made by "
+                         f"`fasttricks build-beton`, normally the train split's)")
+    return read_manifest(beton)["classes"]
+
+
+def _check_all(src: Path, samples: list, workers: int, show_progress: bool,
+               max_res: int | None = None) -> tuple[list, list]:
     good, skipped = [], []
     # Threads suffice: PIL releases the GIL while decoding.
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress_bar(f"checking {src.name}", len(samples), enabled=show_progress) as advance:
-        for (rel, label), reason in zip(samples, pool.map(lambda s: check_image(src / s[0]), samples), strict=True):
+        reasons = pool.map(lambda s: check_image(src / s[0], max_res), samples)
+        for (rel, label), reason in zip(samples, reasons, strict=True):
             if reason is None:
                 good.append((rel, label))
             else:

@@ -17,7 +17,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from fasttricks.data.crops import CentreCropDecoder, SeededRandomResizedCropFlip
-from fasttricks.distributed import dist_info
+from fasttricks.distributed import default_workers, dist_info
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -40,6 +40,15 @@ class SeededOrder(TraversalOrder):
         return order[self.skip:]
 
 
+class ShardOrder(TraversalOrder):
+    """Validation order: file order, every ``world``-th sample from ``rank``, no padding, so the
+    shards are disjoint, cover the split once, and summed counts equal one process's."""
+
+    def sample_order(self, epoch: int):
+        rank, world = dist_info() if self.distributed else (0, 1)
+        return np.asarray(self.indices)[rank::world]
+
+
 class TrainLoader:
     """The training loader of one stage. ``epoch(e, res)`` yields (images, labels)."""
 
@@ -54,7 +63,7 @@ class TrainLoader:
         self.device, self.batch_size = device, batch_size
         self.decoder = SeededRandomResizedCropFlip((resolution, resolution), seed=seed, scale=scale,
                                                    ratio=ratio)
-        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or default_workers(),
                              order=OrderOption.QUASI_RANDOM if order == "quasi_random" else OrderOption.SEQUENTIAL,
                              os_cache=os_cache, drop_last=drop_last, distributed=distributed, seed=seed,
                              indices=indices, pipelines={"image": [self.decoder, *_to_device(device)],
@@ -104,10 +113,13 @@ class ValLoader:
     def __init__(self, beton: str | os.PathLike, *, batch_size: int, resize: int, crop: int,
                  device: torch.device, workers: int = 0, distributed: bool = False):
         self.decoder = CentreCropDecoder(resize, crop)  # checks the size
-        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or os.cpu_count(),
+        self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or default_workers(),
                              order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
                              pipelines={"image": [self.decoder, *_to_device(device)],
                                         "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
+        if distributed:  # FFCV's own pads the shards (DistributedSampler), counting some images twice
+            self.loader.traversal_order = ShardOrder(self.loader)
+            self.loader.first_traversal_order = self.loader.traversal_order.sample_order(0)
 
     def set_size(self, resize: int, crop: int) -> None:
         self.decoder.set_size(resize, crop)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from fasttricks.data.beton import BetonOptions, build_beton
@@ -19,13 +20,43 @@ def cache_dir() -> Path:
 
 
 def resolve_data(data: str | os.PathLike, *, show_progress: bool = True) -> Path:
-    """The data folder behind ``data`` (``toy`` is made on first use)."""
+    """The data folder behind ``data`` (``toy`` is made on first use), after checking that its
+    splits share one class list."""
+    from fasttricks.data.classes import data_classes
+
     if str(data) == TOY:
         return ensure_toy_data(ToyOptions(), show_progress=show_progress)
     path = Path(data)
     if not path.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder (give a folder of betons, or 'toy')")
+    if not (path / "train.beton").is_file() and (path / "train").is_dir():
+        raise FileNotFoundError(f"--data {data} holds image folders, not betons; compile them first:\n"
+                                + "\n".join(f"  {cmd}" for cmd in build_commands(path)))
+    data_classes(path)
     return path
+
+
+def build_commands(folder: Path) -> list[str]:
+    """The build-beton commands that turn ``folder/<split>/`` ImageFolders into ``folder/<split>.beton``."""
+    splits = [s for s in ("train", "val", *(p.name for p in sorted(folder.iterdir()) if p.is_dir()))
+              if (folder / s).is_dir()]
+    cmds = []
+    for split in dict.fromkeys(splits):
+        extra = "" if split == "train" else f" --classes-from {folder / 'train.beton'}"
+        cmds.append(f"fasttricks build-beton {folder / split} {folder / split}.beton{extra}")
+    return cmds
+
+
+def build_split_betons(images: Path, out: Path, splits, opts: BetonOptions, *, show_progress: bool = True) -> None:
+    """``images/<split>/`` → ``out/<split>.beton`` for each split, train first: every other split is
+    compiled against train's class list. Splits already built are kept."""
+    for split in sorted(splits, key=lambda s: s != "train"):
+        beton = out / f"{split}.beton"
+        if beton.is_file() and Path(f"{beton}.json").is_file():
+            continue
+        classes_from = None if split == "train" else str(out / "train.beton")
+        build_beton(images / split, beton, replace(opts, classes_from=classes_from), overwrite=True,
+                    show_progress=show_progress)
 
 
 def ensure_toy_data(opts: ToyOptions, *, root: Path | None = None, show_progress: bool = True) -> Path:
@@ -38,10 +69,9 @@ def ensure_toy_data(opts: ToyOptions, *, root: Path | None = None, show_progress
         images = folder / "images"
         if not (images / "toy.json").is_file():
             make_toy(images, opts, overwrite=True, show_progress=show_progress)
-        for split in SPLITS:
-            beton = folder / f"{split}.beton"
-            if not (beton.is_file() and Path(f"{beton}.json").is_file()):
-                # raw pixels: toy images are tiny, and raw decodes fastest
-                build_beton(images / split, beton, BetonOptions(write_mode="raw", workers=2),
-                            overwrite=True, show_progress=show_progress)
+        # raw pixels: toy images are tiny, and raw decodes fastest
+        build_split_betons(images, folder, SPLITS, TOY_BETON, show_progress=show_progress)
     return folder
+
+
+TOY_BETON = BetonOptions(write_mode="raw", workers=2)
