@@ -96,6 +96,11 @@ def list_checkpoints(run_dir: Path) -> list[tuple[Position, Path]]:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(network tensors, training state) of a checkpoint folder."""
-    return load_file(str(path / "model.safetensors")), torch.load(path / "state.pt", map_location="cpu",
-                                                                   weights_only=True)
+    """(network tensors, training state) of a checkpoint folder. Checkpoints are written atomically,
+    so an unreadable one was damaged afterwards: an error naming it, nothing changed."""
+    try:
+        return load_file(str(path / "model.safetensors")), torch.load(path / "state.pt", map_location="cpu",
+                                                                       weights_only=True)
+    except Exception as e:  # safetensors, pickle and zip readers each raise their own kinds
+        raise WeightsError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:200]}); move it "
+                           f"aside to resume from the checkpoint before it") from None

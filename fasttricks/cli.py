@@ -14,7 +14,7 @@ import typer
 from fasttricks.data.toy import ToyOptions
 from fasttricks.progress import console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Fast training of brain-like vision models (the 2022 Brain-Score winning recipe).")
 
 
@@ -54,7 +54,7 @@ TOY = ToyOptions()  # make-toy's defaults are the default set's
 @app.command("make-toy")
 @friendly
 def make_toy_cmd(
-    out: Annotated[Path, typer.Argument(help="folder to write train/, val/, val_clutter/ into")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="folder to write train/, val/, val_clutter/ into")],
     seed: int = TOY.seed, size: Annotated[int, typer.Option(help="image side in pixels")] = TOY.size,
     train_per_class: int = TOY.train_per_class, val_per_class: int = TOY.val_per_class,
     clutter_per_class: int = TOY.clutter_per_class,
@@ -87,8 +87,9 @@ def make_toy_cmd(
 @app.command("build-beton")
 @friendly
 def build_beton_cmd(
-    src: Annotated[Path, typer.Argument(help="ImageFolder: SRC/<class>/<image>, classes sorted give labels")],
-    out: Annotated[Path, typer.Argument(help="the .beton to write (and OUT.json, its manifest)")],
+    src: Annotated[Path, typer.Argument(metavar="SRC",
+        help="ImageFolder: SRC/<class>/<image>, classes sorted give labels")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="the .beton to write (and OUT.json, its manifest)")],
     max_res: Annotated[int | None, typer.Option(help="longest side kept, larger images are downscaled")] = None,
     jpeg_quality: int = 90,
     compress_probability: Annotated[
@@ -100,6 +101,8 @@ def build_beton_cmd(
         help="the train split's beton: its class list gives the ids (use it for every split but train)")] = None,
     smart_threshold: Annotated[int, typer.Option(
         help="--write-mode smart: images of more raw bytes than this are stored as JPEG")] = 256 * 256 * 3,
+    shuffle: Annotated[bool, typer.Option(
+        help="write the images in a seeded random order (needed by data.order quasi_random)")] = False,
     overwrite: bool = False,
 ):
     """Compile an ImageFolder into an FFCV .beton; bad files are skipped and listed in the manifest."""
@@ -107,10 +110,15 @@ def build_beton_cmd(
 
     opts = BetonOptions(max_res=max_res, jpeg_quality=jpeg_quality, compress_probability=compress_probability,
                         write_mode=write_mode, workers=workers, limit=limit,
-                        classes_from=str(classes_from) if classes_from else None, smart_threshold=smart_threshold)
+                        classes_from=str(classes_from) if classes_from else None, smart_threshold=smart_threshold,
+                        shuffle=shuffle)
     m = build_beton(src, out, opts, overwrite=overwrite)
     console.print(f"[green]{out}[/]: {m.images} images, {len(m.classes)} classes, {len(m.skipped)} skipped "
                   f"({m.seconds:.0f} s); manifest {out}.json")
+    per_image = m.beton_bytes / max(m.images, 1)
+    console.print(f"  {m.beton_bytes / 1e9:.2f} GB, {per_image / 1e3:.0f} kB per image"
+                  + (f"; all {m.source_images} images at these settings: about "
+                     f"{per_image * m.source_images / 1e9:.0f} GB" if m.source_images > m.images else ""))
     for s in m.skipped[:10]:
         console.print(f"  skipped {s['file']}: {s['reason']}")
 
@@ -203,7 +211,8 @@ def show_augs(
 @app.command("eval")
 @friendly
 def eval_cmd(
-    weights: Annotated[Path, typer.Argument(help="final.safetensors or a checkpoint's model.safetensors")],
+    weights: Annotated[Path, typer.Argument(metavar="WEIGHTS",
+        help="final.safetensors or a checkpoint's model.safetensors")],
     data: DataOpt = "toy",
     res: Annotated[int | None, typer.Option(help="test crop; resize keeps the model's crop/resize ratio")] = None,
     resize: Annotated[int | None, typer.Option(help="test resize (short side), overrides the ratio")] = None,
@@ -235,7 +244,8 @@ def eval_cmd(
 @app.command()
 @friendly
 def average(
-    checkpoints: Annotated[list[Path], typer.Argument(help="checkpoint folders or weights files of one run")],
+    checkpoints: Annotated[list[Path], typer.Argument(metavar="CHECKPOINTS",
+        help="checkpoint folders or weights files of one run")],
     out: Annotated[Path, typer.Option(help="the averaged weights file (.safetensors)")],
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="recompute batch-norm statistics on this training set (folder or 'toy')")] = None,
@@ -269,7 +279,8 @@ def _sizes(text: str) -> list[int]:
 @app.command("fixres")
 @friendly
 def fixres_cmd(
-    weights: Annotated[Path, typer.Argument(help="final.safetensors of a run, or any fasttricks weights file")],
+    weights: Annotated[Path, typer.Argument(metavar="WEIGHTS",
+        help="final.safetensors of a run, or any fasttricks weights file")],
     data: DataOpt = "toy",
     sizes: Annotated[str | None, typer.Option(
         help="test crops START:STOP:STEP (stop included); default 0.8-1.75x the training test crop")] = None,
@@ -293,7 +304,8 @@ def fixres_cmd(
 @app.command()
 @friendly
 def ablate(
-    folder: Annotated[Path, typer.Argument(help="a folder of recipes, e.g. pipelines/table1 (or table1, shipped)")],
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER",
+        help="a folder of recipes, e.g. pipelines/table1 (or table1, shipped)")],
     data: DataOpt = "toy",
     out: Annotated[Path | None, typer.Option(help="default: runs/ablate-<folder name>")] = None,
     set_: SetOpt = None, override: OverrideOpt = None, device: str | None = None,
@@ -318,7 +330,7 @@ def ablate(
 brainscore_app = typer.Typer(no_args_is_help=True, help="Export a run as a Brain-Score model plugin; "
                              "activations and scores through brainscore_vision.")
 app.add_typer(brainscore_app, name="brainscore")
-RunArg = Annotated[Path, typer.Argument(help="a run folder, a checkpoint folder or a weights file")]
+RunArg = Annotated[Path, typer.Argument(metavar="RUN", help="a run folder, a checkpoint folder or a weights file")]
 
 
 @brainscore_app.command("export")
@@ -365,11 +377,13 @@ def brainscore_score(
     source: RunArg,
     benchmark: Annotated[str, typer.Option(help="e.g. FreemanZiemba2013public.V1-pls, Rajalingham2018public-i2n, "
                                            "MajajHong2015public.IT-pls")],
+    region: Annotated[list[str] | None, typer.Option(
+        help="REGION=LAYER for the region map the export uses, e.g. --region V1=blocks.3.0 (repeatable)")] = None,
 ):
     """Score the run's export on a brainscore_vision benchmark (downloads its data on first use)."""
     from fasttricks.brainscore.local import score
 
-    record = score(source, benchmark)
+    record = score(source, benchmark, region or [])
     console.print(f"{record['identifier']} on {benchmark}: [bold]{record['score']:.4f}[/]")
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from torch import nn
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
+_BEFORE = "_fasttricks_requires_grad"
 
 
 def block_names(net: nn.Module) -> tuple[list[str], list[str]]:
@@ -65,6 +66,8 @@ def freeze(net: nn.Module, prefixes: Sequence[str]) -> None:
     for prefix in prefixes:
         module = modules[prefix]
         for p in module.parameters():
+            if not hasattr(p, _BEFORE):  # what unfreeze restores (a model may keep some parameters fixed)
+                setattr(p, _BEFORE, p.requires_grad)
             p.requires_grad_(False)
         for m in module.modules():
             if isinstance(m, _NORMS):
@@ -72,8 +75,11 @@ def freeze(net: nn.Module, prefixes: Sequence[str]) -> None:
 
 
 def unfreeze(net: nn.Module) -> None:
+    """Undo ``freeze``: each parameter gets back the requires_grad it had, not a blanket True."""
     for p in net.parameters():
-        p.requires_grad_(True)
+        if hasattr(p, _BEFORE):
+            p.requires_grad_(getattr(p, _BEFORE))
+            delattr(p, _BEFORE)
     for m in net.modules():
         if "train" in m.__dict__:
             del m.train

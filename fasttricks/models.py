@@ -35,6 +35,12 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
+    def no_weight_decay(self) -> set[str]:
+        """timm's list (a ViT's pos_embed, cls_token...) under our prefix: the optimizer factory asks
+        the model it is given, and it is given this wrapper."""
+        inner = getattr(self.net, "no_weight_decay", None)
+        return {f"net.{name}" for name in inner()} if callable(inner) else set()
+
 
 def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     """The timm model ``cfg.arch`` with ``num_classes`` outputs, random or from ``cfg.weights``."""

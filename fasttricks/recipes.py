@@ -54,7 +54,8 @@ class ModelConfig(Strict):
 class DataConfig(Strict):
     workers: int = Field(0, ge=0, description="FFCV decode threads; 0: one per core")
     order: Literal["random", "quasi_random", "sequential"] = Field(
-        "random", description="random: seeded and resumable; quasi_random: FFCV's, for data larger than RAM")
+        "random", description="random: seeded and resumable; quasi_random: the same, read in contiguous blocks, "
+        "for a beton larger than memory (with os_cache: false; the beton built with --shuffle)")
     os_cache: bool = Field(True, description="let the OS page cache hold the beton (FFCV); False with quasi_random")
     val_resize: int = Field(272, ge=8, description="validation: resize the short side to R (paper: 272)")
     val_crop: int = Field(240, ge=8, description="validation: centre crop C (paper: 240)")

@@ -20,7 +20,7 @@ import timm.utils
 import torch
 from torch import nn
 
-from fasttricks import distributed, fixres, freezing, runs
+from fasttricks import distributed, fixres, freezing, runs, syncguard
 from fasttricks.adversarial import attack_generator, describe_eps, pgd
 from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
 from fasttricks.augment.mixing import mix
@@ -36,6 +36,7 @@ from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import OptimizerConfig, Recipe, RecipeError, StageConfig
 from fasttricks.schedules import lr_factor, resolution_at
+from fasttricks.syncguard import no_host_sync
 
 LOG_EVERY = 20  # steps between progress updates, the only syncs of a step
 
@@ -86,8 +87,10 @@ def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     if cfg.name == "sgd":
         return timm.optim.create_optimizer_v2(model, "nesterov" if cfg.nesterov else "momentum", lr=cfg.lr,
                                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    # fused: one kernel per step, and the step count stays a device tensor (the foreach Adam reads a
+    # CPU step counter back each step, which the no-sync guard cannot tell from a device sync)
     return timm.optim.create_optimizer_v2(model, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                          betas=tuple(cfg.betas))
+                                          betas=tuple(cfg.betas), fused=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,21 +307,22 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
             for group in optimizer.param_groups:
                 group["lr"] = stage.peak_lr() * lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
             epoch_key = run.epochs_before[s] + epoch
-            if augment is not None or stage.mixing is not None:
-                with seeded(step_seed(run.recipe.seed, epoch_key, step, rank), device):
-                    images, targets = augment_and_mix(images, labels, stage, augment, run.info["num_classes"])
-            else:
-                targets = labels
             generator = (attack_generator(device, run.recipe.seed, epoch_key, step, rank)
                          if stage.adversarial else None)
-            loss = training_step(step_model, images, targets, optimizer, criterion, stage, generator,
-                                 attack_model=run.train_model)
-            if ema is not None:
-                ema.update(run.model.net)
-            loss_sum += loss
+            with no_host_sync() if syncguard.enabled() else nullcontext():  # FASTTRICKS_CHECK_SYNCS=1
+                if augment is not None or stage.mixing is not None:
+                    with seeded(step_seed(run.recipe.seed, epoch_key, step, rank), device):
+                        images, targets = augment_and_mix(images, labels, stage, augment, run.info["num_classes"])
+                else:
+                    targets = labels
+                loss = training_step(step_model, images, targets, optimizer, criterion, stage, generator,
+                                     attack_model=run.train_model)
+                if ema is not None:
+                    ema.update(run.model.net)
+                loss_sum += loss
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             seen += labels.shape[0] * world  # images/s of the whole job
             done = step + 1
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
                 _check_finite(run, stage, epoch, first_bad)
                 elapsed = time.perf_counter() - tic

@@ -135,3 +135,28 @@ def test_under_torch_compile_eps_and_step_changes_do_not_recompile(batch):
     torch.testing.assert_close(a, pgd(model, x, y, strong, generator=torch.Generator().manual_seed(0)),
                                atol=1e-5, rtol=0)
     assert (b - x).abs().max() <= 4 / 255 + 1e-6
+
+
+def test_robust_evaluation_draws_its_random_starts_from_its_own_seed_not_the_global_rng(monkeypatch):
+    from fasttricks import evaluate
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(3)]
+    attack = AdversarialConfig(eps="8/255", step_size="2/255", steps=2, random_start=True)
+    attacked = []
+
+    def recording_pgd(*args, **kwargs):
+        attacked.append(pgd(*args, **kwargs))
+        return attacked[-1]
+
+    monkeypatch.setattr(evaluate, "pgd", recording_pgd)
+    runs = []
+    for global_seed in (1, 2):  # a different global stream: the evaluation must not depend on it
+        torch.manual_seed(global_seed)
+        attacked.clear()
+        runs.append((evaluate.accuracy(model, batches, torch.device("cpu"), attack), list(attacked)))
+    (first, images_a), (second, images_b) = runs
+    assert first == second and all(torch.equal(a, b) for a, b in zip(images_a, images_b, strict=True))
+    assert not torch.equal(images_a[0], images_a[1][:16])  # each batch its own starts (not one reused noise)

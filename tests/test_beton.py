@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -175,3 +176,54 @@ def test_cli_builds_with_jpeg_options(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "o.beton.json").read_text())
     assert manifest["images"] == 9 and manifest["options"]["jpeg_quality"] == 80
+
+
+def test_the_check_runs_the_writes_conversion_so_a_file_it_fails_on_is_skipped(tmp_path, monkeypatch):
+    _folder(tmp_path / "src", classes=("a", "b"), per_class=2)
+    real = beton.to_rgb
+
+    def fails_on_a1(img):
+        if getattr(img, "filename", "").endswith("a/1.png"):
+            raise ValueError("conversion from XYZ to RGB not supported")
+        return real(img)
+
+    monkeypatch.setattr(beton, "to_rgb", fails_on_a1)
+    m = build_beton(tmp_path / "src", tmp_path / "o.beton", RAW, show_progress=False)
+    assert m.images == 3 and m.skipped == [{"file": "a/1.png", "reason": "unreadable: ValueError: conversion "
+                                                                       "from XYZ to RGB not supported"}]
+
+
+def test_a_side_over_ffcvs_uint16_is_skipped_unless_max_res_brings_it_under(tmp_path):
+    _folder(tmp_path / "src", classes=("a",), per_class=1)
+    Image.new("RGB", (70000, 200)).save(tmp_path / "src" / "a" / "wide.png")
+    m = build_beton(tmp_path / "src", tmp_path / "o.beton", RAW, show_progress=False)
+    assert m.images == 1 and "FFCV stores at most 65535" in m.skipped[0]["reason"]
+    m = build_beton(tmp_path / "src", tmp_path / "o.beton", BetonOptions(write_mode="raw", workers=2, max_res=512),
+                    overwrite=True, show_progress=False)
+    assert m.images == 2 and not m.skipped
+    Image.new("RGB", (70000, 20)).save(tmp_path / "src" / "a" / "thread.png")  # 512 x 0.15 px after --max-res
+    m = build_beton(tmp_path / "src", tmp_path / "o.beton", BetonOptions(write_mode="raw", workers=2, max_res=512),
+                    overwrite=True, show_progress=False)
+    assert m.images == 2 and "less than one pixel thick" in m.skipped[0]["reason"]
+
+
+def test_smart_mode_stores_large_images_as_jpeg_and_small_ones_raw(tmp_path):
+    from ffcv.reader import Reader
+
+    _folder(tmp_path / "src", classes=("small",), per_class=2, size=(16, 16))
+    _folder(tmp_path / "src2", classes=("large",), per_class=2, size=(64, 64))
+    shutil.move(tmp_path / "src2" / "large", tmp_path / "src" / "large")
+    build_beton(tmp_path / "src", tmp_path / "o.beton", BetonOptions(write_mode="smart", workers=1,
+                                                                     smart_threshold=32 * 32 * 3), show_progress=False)
+    modes = Reader(str(tmp_path / "o.beton")).metadata["f0"]["mode"].tolist()
+    assert modes == [0, 0, 1, 1]  # FFCV's image modes: 0 jpg, 1 raw; 'large' sorts first
+
+
+def test_a_limited_build_extrapolates_the_size_of_the_whole_folder(tmp_path):
+    _folder(tmp_path / "src", size=(32, 32))
+    result = CliRunner().invoke(app, ["build-beton", str(tmp_path / "src"), str(tmp_path / "o.beton"),
+                                      "--write-mode", "raw", "--limit", "3", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o.beton.json").read_text())
+    assert manifest["beton_bytes"] == (tmp_path / "o.beton").stat().st_size and manifest["source_images"] == 9
+    assert "all 9 images at these settings: about" in result.output

@@ -154,10 +154,11 @@ def test_bad_export_options_are_errors_and_leave_nothing(run, tmp_path):
 def test_activations_command_saves_each_layer_for_local_images(run, images, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["brainscore", "activations", str(run), "--images", str(images), "--out",
-                                 str(tmp_path / "acts.npz"), "--layers", "blocks.2", "--layers", "global_pool"])
+                                 str(tmp_path / "acts.npz"), "--layers", "blocks.2", "--layers", "global_pool",
+                                 "--layers", "conv_stem"])  # any module, not only the export's layer list
     assert result.exit_code == 0, result.output
     saved = np.load(tmp_path / "acts.npz")
-    assert saved["global_pool"].shape[0] == saved["blocks.2"].shape[0] == 3
+    assert saved["global_pool"].shape[0] == saved["blocks.2"].shape[0] == saved["conv_stem"].shape[0] == 3
     assert sorted(os.path.basename(p) for p in saved["stimulus_paths"]) == ["im0.png", "im1.png", "im2.png"]
     bad = runner.invoke(app, ["brainscore", "activations", str(run), "--images", str(images), "--out",
                               str(tmp_path / "x.npz"), "--layers", "fc9"])
@@ -179,3 +180,14 @@ def test_score_offline_is_a_clear_error_naming_the_caches(run, tmp_path, monkeyp
     assert "Traceback" not in result.output
     unknown = runner.invoke(app, ["brainscore", "score", str(run), "--benchmark", "NoSuch.V1-pls"])
     assert unknown.exit_code == 2 and "no benchmark 'NoSuch.V1-pls'" in " ".join(unknown.output.split())
+
+
+def test_score_takes_a_region_map_of_its_own_and_writes_it_into_the_export(run, tmp_path, monkeypatch):
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("BRAINIO_HOME", str(tmp_path / "brainio"))
+    result = CliRunner().invoke(app, ["brainscore", "score", str(run), "--benchmark", "FreemanZiemba2013public.V1-pls",
+                                      "--region", "V1=blocks.1"])
+    assert result.exit_code == 2  # offline: the scoring itself cannot run here
+    maps = list((run / "brainscore").glob("*/region_layer_map/*.json"))
+    assert [json.loads(p.read_text()) for p in maps] == [{"V1": "blocks.1"}]

@@ -67,3 +67,20 @@ def test_unfreeze_restores_training():
     freezing.unfreeze(model.net)
     model.train()
     assert model.net.bn1.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_unfreeze_restores_what_the_model_kept_fixed():
+    net = timm.create_model("test_efficientnet", num_classes=10)
+    net.conv_head.weight.requires_grad_(False)  # a parameter the model keeps fixed on its own
+    freezing.freeze(net, ["conv_stem", "conv_head"])
+    assert not net.conv_stem.weight.requires_grad
+    freezing.unfreeze(net)
+    assert net.conv_stem.weight.requires_grad and not net.conv_head.weight.requires_grad
+
+
+def test_a_vits_pos_embed_and_cls_token_get_no_weight_decay():
+    model = create_model(ModelConfig(arch="test_vit"), 10)
+    optimizer = create_optimizer(model, OptimizerConfig(name="adamw", lr=1e-3, weight_decay=0.05))
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.net.pos_embed) in no_decay and id(model.net.cls_token) in no_decay
+    assert id(model.net.blocks[0].attn.qkv.weight) not in no_decay

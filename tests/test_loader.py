@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fasttricks.data import loader as loader_mod
+from fasttricks.data.beton import BuildError
 from fasttricks.data.crops import crop_box, sample_key, uniform
-from fasttricks.data.loader import SeededOrder, TrainLoader, ValLoader
+from fasttricks.data.loader import SeededBlockOrder, SeededOrder, TrainLoader, ValLoader
 
 
 def _epoch(beton, *, seed=0, epoch=0, res=32, workers=2, skip=0, batch_size=32):
@@ -161,3 +162,33 @@ def test_cuda_pipeline_delivers_the_cpu_pipelines_batches_on_the_gpu(toy_data):
         return [((x.cpu() * 255).round().to(torch.uint8), y.cpu()) for x, y in batches]
 
     assert _same(pixels(on_gpu), pixels(on_cpu))
+
+
+@pytest.mark.parametrize("n,world", [(400, 2), (410, 3)])
+def test_the_block_order_shards_whole_blocks_covers_the_epoch_and_is_seeded(monkeypatch, n, world):
+    monkeypatch.setattr(SeededBlockOrder, "BLOCK", 20)
+    monkeypatch.setattr(SeededBlockOrder, "WINDOW", 3)
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(loader_mod, "dist_info", lambda rank=rank: (rank, world))
+        order = SeededBlockOrder(_FakeLoader(n))
+        shards.append(list(order.sample_order(epoch=3)))
+        assert list(order.sample_order(epoch=3)) == shards[-1] != list(order.sample_order(epoch=4))  # seeded
+        order.skip = 8
+        assert list(order.sample_order(epoch=3)) == shards[-1][8:]  # a resumed epoch: the remaining samples
+    assert len({len(s) for s in shards}) == 1
+    flat = [i for s in shards for i in s]
+    assert set(flat) == set(range(n)) and len(flat) - len(set(flat)) == -n % world  # only padding repeats
+    owners = {}
+    for rank, shard in enumerate(shards):  # a block is read by one rank...
+        for i in shard:
+            owners.setdefault(i // 20, set()).add(rank)
+    # ...but for the blocks cut at a rank boundary and those the wrap-around padding reuses
+    assert sum(len(r) > 1 for r in owners.values()) <= (world - 1) + (-n % world)
+    assert shards[0][:20] != sorted(shards[0][:20])  # shuffled within windows
+
+
+def test_quasi_random_refuses_a_beton_written_in_class_order(toy_data):
+    with pytest.raises(BuildError, match="--shuffle"):
+        TrainLoader(toy_data / "train.beton", batch_size=8, resolution=32, seed=0, device=torch.device("cpu"),
+                    order="quasi_random")

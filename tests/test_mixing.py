@@ -90,3 +90,10 @@ def test_channels_last_batches_stay_usable():
     torch.manual_seed(0)
     out = mix(x, y, 8, FG)[0]
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("kind", ["cutmix", "foreground_cutmix"])
+def test_mixing_keeps_a_channels_last_batch_channels_last(kind):
+    images = torch.rand(6, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    out, _, _ = mix(images, torch.arange(6) % 3, 3, MixingConfig(kind=kind, p=1.0))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()

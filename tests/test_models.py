@@ -24,14 +24,17 @@ def test_unknown_architecture_names_the_option():
         create_model(ModelConfig(arch="no_such_net"), 10)
 
 
-def test_weights_round_trip_and_the_classifier_is_dropped_when_classes_differ(tmp_path):
+def test_weights_round_trip_and_the_classifier_is_dropped_when_classes_differ(tmp_path, capsys):
     src = create_model(ModelConfig(arch="test_resnet"), 10)
     save_file(src.net.state_dict(), str(tmp_path / "w.safetensors"))
     same = create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "w.safetensors")), 10)
     for k, v in src.net.state_dict().items():
         assert torch.equal(v, same.net.state_dict()[k])
+    assert "classifier" not in capsys.readouterr().err
     other = create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "w.safetensors")), 3)
     assert other.net.get_classifier().out_features == 3
+    said = capsys.readouterr().err  # never without a word
+    assert "classifier (10 outputs)" in said and "3 classes" in said and "not loaded" in said
     assert torch.equal(other.net.conv1[0].weight, src.net.conv1[0].weight)
 
 

@@ -2,8 +2,10 @@
 taken over, a resumed run keeps its recipe and names what differs, one process writes a folder at
 a time, and `train`'s defaults on the toy set run in CPU-minutes."""
 
+import json
 import multiprocessing as mp
 import os
+import shutil
 
 import pytest
 import yaml
@@ -94,3 +96,69 @@ def test_batch_larger_than_the_training_set_names_the_key_to_change(toy_data, tm
                                       "--set", "stages.0.batch_size=1000"])
     assert result.exit_code == 2 and "--set stages.0.batch_size=N" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def _betons(toy_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in toy_data.glob("*.beton*"):
+        shutil.copy(f, data / f.name)
+    return data
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "other-manifest"])
+def test_a_damaged_beton_is_one_line_naming_it_and_nothing_is_written(toy_data, tmp_path, damage):
+    data = _betons(toy_data, tmp_path)
+    beton = data / "val.beton"
+    if damage == "truncate":
+        with open(beton, "r+b") as f:
+            f.truncate(beton.stat().st_size // 2)
+    elif damage == "empty":
+        beton.write_bytes(b"")
+    else:  # another beton under this manifest (train's 400 images where val's 100 are listed)
+        shutil.copy(data / "train.beton", beton)
+        manifest = json.loads((data / "val.beton.json").read_text())
+        manifest.pop("beton_bytes")  # as an older manifest: the sample count still tells them apart
+        (data / "val.beton.json").write_text(json.dumps(manifest))
+    for command in (["train", "--out", str(tmp_path / "r")], ["eval", str(tmp_path / "w.safetensors")]):
+        result = CliRunner().invoke(app, [*command, "--data", str(data)])
+        assert result.exit_code == 2 and str(beton) in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_damaged_checkpoint_is_named_on_resume_and_left_as_it_was(toy_data, tmp_path):
+    from fasttricks.train import train
+
+    out = tmp_path / "r"
+    recipe = load_recipe("baseline", ["overrides/toy"], ["stages.0.epochs=2", "data.val_resize=48", "data.val_crop=40"])
+    train(recipe, toy_data, out, stop_after=1, show_progress=False)
+    weights = out / "checkpoints" / "s0-e001" / "model.safetensors"
+    weights.write_bytes(b"half a file")
+    result = CliRunner().invoke(app, ["train", "--resume", "--out", str(out), "--data", str(toy_data)])
+    assert result.exit_code == 2 and "s0-e001 is unreadable" in result.output and "move it aside" in result.output
+    assert weights.read_bytes() == b"half a file" and (out / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_zero_workers_means_the_nodes_cores_divided_among_its_processes(monkeypatch):
+    from fasttricks.distributed import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun --nproc-per-node 8
+    assert default_workers() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_workers() == 1
+
+
+def test_evaluation_every_k_epochs_and_always_at_a_stages_end(toy_data, tmp_path):
+    from fasttricks.train import train
+
+    recipe = load_recipe("baseline", ["overrides/toy"], ["stages.0.epochs=5", "evaluation.every=2",
+                                                         "data.val_resize=48", "data.val_crop=40",
+                                                         "stages.0.resolution={min: 32, max: 32}"])
+    summary = train(recipe, toy_data, tmp_path / "r", show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_top1" in r for r in rows] == [False, True, False, True, True]
+    assert summary["val_top1"] == rows[-1]["val_top1"]

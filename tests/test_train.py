@@ -145,12 +145,27 @@ def test_cli_refuses_to_overwrite_a_run_and_eval_reproduces_the_summary(full_run
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--data", str(toy_data), "--out", str(out), "--override", str(TOY)])
     assert result.exit_code == 2 and "--resume" in result.output and "--overwrite" in result.output
-    result = runner.invoke(app, ["eval", str(out / "final.safetensors"), "--data", str(toy_data)])
+    result = runner.invoke(app, ["eval", str(out), "--data", str(toy_data)])  # the run folder means final.safetensors
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert (report["resize"], report["crop"]) == (48, 40)
     assert report["val"]["top1"] == pytest.approx(summary["val_top1"])
     assert report["val_clutter"]["top1"] == pytest.approx(summary["val_clutter_top1"])
+
+
+def test_a_run_folder_stands_for_its_final_weights_wherever_weights_are_taken(full_run):
+    from fasttricks.models import create_model, weights_file
+    from fasttricks.recipes import ModelConfig
+
+    out, _ = full_run
+    assert weights_file(out) == out / "final.safetensors"
+    assert weights_file(out / "checkpoints" / "s0-e002") == out / "checkpoints" / "s0-e002" / "model.safetensors"
+    net = create_model(ModelConfig(arch="test_efficientnet", weights=str(out)), 10).net  # --set model.weights=RUN
+    assert _same_state(net.state_dict(), load_file(str(out / "final.safetensors")))
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_with_a_different_recipe_is_refused(full_run, toy_data):

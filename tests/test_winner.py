@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from fasttricks.ablate import ablate
 from fasttricks.checkpoint import read_info
 from fasttricks.recipes import PIPELINES, load_recipe
+from fasttricks.runs import RunFolderError
 from fasttricks.train import train
 
 TOY_WINNER = PIPELINES / "overrides" / "toy-winner.yaml"
@@ -129,6 +130,10 @@ def test_ablate_runs_a_folder_and_tabulates_it_like_the_paper(toy_data, tmp_path
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][6]["tricks"]["WA"] == "✓"
     stamp = (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns
     ablate(PIPELINES / "table1", toy_data, tmp_path, sets=sets)  # finished rows are read back
+    assert (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns == stamp
+    # another --set on the same --out: refused before any training, naming the rows; nothing replaced
+    with pytest.raises(RunFolderError, match=r"7 row\(s\) already hold runs of another recipe.*1-baseline"):
+        ablate("table1", toy_data, tmp_path, sets=[*sets, "stages.0.optimizer.lr=0.01"])
     assert (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns == stamp
 
 

@@ -22,7 +22,10 @@ from fasttricks.recipes import MixingConfig
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return F.one_hot(labels, num_classes).float() if labels.dim() == 1 else labels
+    """Class ids as probability rows; a scatter, since F.one_hot reads the ids' range back to the host."""
+    if labels.dim() != 1:
+        return labels
+    return torch.zeros(labels.shape[0], num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
 
 
 def mix(images: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -51,7 +54,8 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, cfg: MixingConfig):
     b, _, height, width = images.shape
     dev = images.device
     alpha = torch.tensor(cfg.alpha, device=dev)
-    lam = torch.distributions.Beta(alpha, alpha).sample((b,))
+    # validate_args=False: the argument check reads alpha back to the host, a sync per step
+    lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample((b,))
     cut = torch.sqrt(1 - lam)
     h, w = (cut * height).long(), (cut * width).long()
     cy, cx = (torch.rand(b, device=dev) * height).long(), (torch.rand(b, device=dev) * width).long()
@@ -59,7 +63,7 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, cfg: MixingConfig):
     bottom, right = (cy + h - h // 2).clamp(0, height), (cx + w - w // 2).clamp(0, width)
     mask = _box_mask(top, left, bottom - top, right - left, height, width) & _apply(images, cfg).view(-1, 1, 1, 1)
     pasted = mask.flatten(1).float().mean(1, keepdim=True)  # the clipped box's true area fraction
-    out = torch.where(mask, images.roll(1, 0), images)
+    out = _like(torch.where(mask, images.roll(1, 0), images), images)
     return out, (1 - pasted) * targets + pasted * targets.roll(1, 0), mask
 
 
@@ -95,4 +99,12 @@ def foreground_cutmix(images: torch.Tensor, targets: torch.Tensor, cfg: MixingCo
     out = torch.where(mask, foreground, images.roll(1, 0))
     applied = mask.flatten(1).any(1, keepdim=True)
     # unmixed images stay themselves, with their own label
-    return torch.where(applied.view(-1, 1, 1, 1), out, images), targets, mask
+    return _like(torch.where(applied.view(-1, 1, 1, 1), out, images), images), targets, mask
+
+
+def _like(out: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``images``' memory layout: a channels_last batch stays channels_last (the model's
+    convolutions are fastest in it; torch.where and grid_sample may hand back NCHW)."""
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out

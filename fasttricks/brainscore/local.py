@@ -28,9 +28,12 @@ class BrainScoreError(RuntimeError):
     """Scoring could not run; the message says what is missing and where it goes."""
 
 
-def plugin_for(source: Path) -> Path:
-    """The plugin folder of a run (exported on first use), or ``source`` itself when it is one."""
+def plugin_for(source: Path, regions: list[str] = ()) -> Path:
+    """The plugin folder of a run (exported on first use, and again when ``regions`` are given),
+    or ``source`` itself when it is one."""
     if (source / "model.json").is_file() and (source / "__init__.py").is_file():
+        if regions:
+            raise ExportError(f"{source} is an exported plugin: give --region to `brainscore export` instead")
         return source
     weights, _ = find_weights(source)
     info = read_info(weights)
@@ -38,8 +41,8 @@ def plugin_for(source: Path) -> Path:
     name = identifier_for(info, run.resolve().name, info["val_resize"], info["val_crop"])
     folder = run / "brainscore" / name
     config = folder / "model.json"
-    if not (config.is_file() and json.loads(config.read_text())["weights_sha1"] == sha1(weights)):
-        export(source, folder, overwrite=True)
+    if regions or not (config.is_file() and json.loads(config.read_text())["weights_sha1"] == sha1(weights)):
+        export(source, folder, regions=list(regions), overwrite=True)
     return folder
 
 
@@ -90,10 +93,10 @@ def activations(source: Path, images: list[Path], layers: list[str] | None, out:
     return {layer: list(a.shape) for layer, a in arrays.items()}
 
 
-def score(source: Path, benchmark: str) -> dict:
+def score(source: Path, benchmark: str, regions: list[str] = ()) -> dict:
     """Score the exported commitment on a brainscore_vision benchmark, in this process; the result
     is appended to ``RUN/brainscore/scores.json``."""
-    folder = plugin_for(source)
+    folder = plugin_for(source, regions)
     plugin = load_plugin(folder)
     name = plugin.CONFIG["identifier"]
     # brainscore would otherwise `pip install` the benchmark's requirements into this environment
@@ -138,5 +141,5 @@ def _explain(benchmark: str, error: Exception) -> str:
             f"  Scoring needs the benchmark's stimuli and recordings, which brainio downloads on first use "
             f"(network access to Brain-Score's S3 storage) into BRAINIO_HOME ({brainio}); results are "
             f"cached in RESULTCACHING_HOME ({caching}). Run once with network access, or copy those "
-            f"folders from a machine that has them. Without a region_layer_map (export --region), "
+            f"folders from a machine that has them. Without a region_layer_map (score --region V1=LAYER), "
             f"neural benchmarks first score the public benchmarks to choose layers, which needs their data too.")

@@ -42,6 +42,7 @@ class BetonOptions:
     seed: int = 0  # which files --limit keeps
     classes_from: str | None = None  # a beton whose manifest's class list defines the ids
     smart_threshold: int = 256 * 256 * 3  # write_mode smart: images with more raw bytes are stored as JPEG
+    shuffle: bool = False  # write in a seeded random order (what data.order quasi_random needs)
 
     def validate(self) -> None:
         if self.write_mode not in WRITE_MODES:
@@ -62,6 +63,8 @@ class Manifest:
     beton: str
     classes: list[str]
     images: int = 0
+    source_images: int = 0  # image files in the folder, before --limit (for extrapolating the size)
+    beton_bytes: int = 0
     files: list[str] = field(default_factory=list)  # relative to source, in beton order
     skipped: list[dict] = field(default_factory=list)  # {"file", "reason"}
     options: dict = field(default_factory=dict)
@@ -77,6 +80,30 @@ def read_manifest(beton: str | os.PathLike) -> dict:
     if not path.is_file():
         raise BuildError(f"{path} is missing: build {beton} with `fasttricks build-beton`")
     return json.loads(path.read_text())
+
+
+def check_beton(beton: str | os.PathLike) -> dict:
+    """The manifest of ``beton`` after checking that the two belong together and the beton is whole:
+    not empty, readable by FFCV, as many samples as the manifest lists (and as many bytes, when
+    the manifest records them). Returns the manifest."""
+    from ffcv.reader import Reader
+
+    path = Path(beton)
+    manifest = read_manifest(path)
+    size = path.stat().st_size if path.is_file() else -1
+    if size <= 0:
+        raise BuildError(f"{path} is {'missing' if size < 0 else 'empty'}: rebuild it with `fasttricks build-beton`")
+    if manifest.get("beton_bytes") and manifest["beton_bytes"] != size:
+        raise BuildError(f"{path} holds {size} bytes but its manifest {manifest_path(path)} says "
+                         f"{manifest['beton_bytes']}: truncated, or the manifest of another beton; rebuild it")
+    try:
+        samples = Reader(str(path)).num_samples
+    except Exception as e:  # FFCV raises assorted errors on a file that is not a whole beton
+        raise BuildError(f"{path} is not a readable FFCV beton (truncated?): {type(e).__name__}: {e}") from None
+    if samples != manifest["images"]:
+        raise BuildError(f"{path} holds {samples} images but its manifest {manifest_path(path)} lists "
+                         f"{manifest['images']}: the manifest belongs to another beton; rebuild it")
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +144,11 @@ def check_image(path: Path, max_res: int | None = None) -> str | None:
             width, height = img.size
             if width < 1 or height < 1:
                 return "zero-sized image"
-            longest = max(width, height) if max_res is None else min(max(width, height), max_res)
-            if longest > FFCV_MAX_SIDE:
+            scale = 1.0 if max_res is None else min(1.0, max_res / max(width, height))
+            if max(width, height) * scale > FFCV_MAX_SIDE:
                 return f"side of {max(width, height)} px: FFCV stores at most {FFCV_MAX_SIDE}; set --max-res"
+            if int(min(width, height) * scale) < 1:  # FFCV's resize would fail in a writer process, and hang
+                return f"{width}x{height} px is less than one pixel thick after --max-res {max_res}"
             img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             img.load()
             to_rgb(img)
@@ -223,7 +252,10 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     classes, samples = scan_image_folder(src, _classes_from(opts.classes_from))
+    source_images = len(samples)
     samples = _limit(samples, opts.limit, opts.seed)
+    if opts.shuffle:  # the manifest's file list follows, so index i still names its file
+        samples = [samples[i] for i in np.random.default_rng([opts.seed, 0x5F]).permutation(len(samples))]
     workers = opts.workers or os.cpu_count() or 1
 
     good, skipped = _check_all(src, samples, workers, show_progress, opts.max_res)
@@ -248,7 +280,8 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
             raise BuildError(f"{len(failed)} file(s) in {src} failed while being written "
                              f"(did they change during the build?): {first}")
         manifest = Manifest(source=str(src.resolve()), beton=str(out.resolve()), classes=classes,
-                            images=len(good), files=[rel for rel, _ in good], skipped=skipped,
+                            images=len(good), source_images=source_images, beton_bytes=tmp.stat().st_size,
+                            files=[rel for rel, _ in good], skipped=skipped,
                             options=asdict(opts), seconds=round(time.time() - start, 2))
     write_json(manifest_path(out), asdict(manifest), indent=1)
     return manifest

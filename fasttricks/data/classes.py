@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fasttricks.data.beton import BuildError, read_manifest
+from fasttricks.data.beton import BuildError, check_beton
 
 
 class ClassListError(BuildError):
@@ -38,9 +38,9 @@ def data_classes(data_dir: str | os.PathLike) -> list[str]:
     from fasttricks.data.loader import beton_paths
 
     paths = beton_paths(data_dir)
-    classes = read_manifest(paths["train"])["classes"]
+    classes = check_beton(paths["train"])["classes"]
     for path in paths.values():
-        other = read_manifest(path)["classes"]
+        other = check_beton(path)["classes"]
         if other != classes:
             raise ClassListError(
                 f"{Path(data_dir)}: {path.name} does not use train.beton's class ids: it "

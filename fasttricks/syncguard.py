@@ -1,0 +1,68 @@
+"""A guard against host-device synchronisation inside a training step, that works on the CPU too.
+
+``torch.cuda.set_sync_debug_mode`` only sees syncs on a GPU. This guard looks at the operators a
+step dispatches instead: each one below makes the host wait for the device wherever the tensor
+lives (a value read back, a shape that depends on the data, a library check of its own result),
+so a step that dispatches none of them on the CPU dispatches none on a GPU. CI runs it on the CPU;
+``FASTTRICKS_CHECK_SYNCS=1`` turns it on in any training run, around every step between logging
+points (the logging points themselves read the loss back, on purpose).
+
+What it cannot see: a read of a CPU tensor that a GPU run would hold on the device (it sees the
+operator, not where the tensor would live), and copies to the host (``.cpu()``, ``.tolist()``),
+which on the CPU are no operators at all. ``set_sync_debug_mode("error")`` in the GPU tests covers
+those.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNCING_OPS = {
+    "_local_scalar_dense": "reads a value back to the host (.item(), bool(), int(), float(), a Python if)",
+    "is_nonzero": "reads a value back to the host (bool() of a tensor)",
+    "equal": "torch.equal returns a host bool",
+    "nonzero": "its output shape depends on the data (also boolean-mask indexing)",
+    "masked_select": "its output shape depends on the data",
+    "unique": "its output shape depends on the data",
+    "_unique2": "its output shape depends on the data",
+    "unique_dim": "its output shape depends on the data",
+    "unique_consecutive": "its output shape depends on the data",
+    "_linalg_check_errors": "torch.linalg checks its result on the host (use the *_ex form, or a closed form)",
+}
+
+
+class HostSyncError(RuntimeError):
+    """An operator that waits for the device ran where no sync is allowed; the message names it and
+    the line of ours that called it."""
+
+
+class no_host_sync(TorchDispatchMode):  # noqa: N801 (a context manager, named like torch's modes)
+    """``with no_host_sync(): ...`` raises ``HostSyncError`` at the first syncing operator."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        why = SYNCING_OPS.get(name)
+        if why is None and name in ("index", "index_put", "index_put_") and _boolean_index(args):
+            why = "with a boolean mask: the mask's nonzero count sets the shape (use torch.where)"
+        if why is not None:
+            raise HostSyncError(f"host sync inside a training step: aten.{name} {why}; called from {_caller()}")
+        return func(*args, **(kwargs or {}))
+
+
+def _boolean_index(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(getattr(i, "dtype", None) == torch.bool for i in indices)
+
+
+def _caller() -> str:
+    """The innermost frames outside torch: where the sync comes from (ours, or a library's)."""
+    frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename]
+    return " <- ".join(f"{f.filename.rsplit('/', 2)[-2:][-1]}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+
+
+def enabled() -> bool:
+    return os.environ.get("FASTTRICKS_CHECK_SYNCS", "") not in ("", "0")

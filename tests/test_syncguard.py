@@ -1,0 +1,57 @@
+"""No host sync between logging points (fasttricks/syncguard.py): the guard catches the operators
+that make the host wait, and whole training runs of each stage kind pass under it on the CPU."""
+
+import pytest
+import torch
+
+from fasttricks.recipes import load_recipe
+from fasttricks.syncguard import HostSyncError, no_host_sync
+from fasttricks.train import train
+
+
+@pytest.mark.parametrize("call,op", [
+    (lambda x: x.sum().item(), "_local_scalar_dense"),
+    (lambda x: bool(x.sum() > 0), "_local_scalar_dense"),
+    (lambda x: x[x > 0.5], "index"),
+    (lambda x: x.nonzero(), "nonzero"),
+    (lambda x: torch.linalg.inv(x[0, 0]), "_linalg_check_errors"),
+    (lambda x: torch.unique(x), "_unique2"),
+])
+def test_the_guard_names_each_kind_of_sync(call, op):
+    x = torch.rand(2, 1, 3, 3)
+    with pytest.raises(HostSyncError, match=f"aten.{op} .*called from"), no_host_sync():
+        call(x)
+    with no_host_sync():  # what a step does instead passes
+        torch.where(x > 0.5, x, 0).sum()
+
+
+SMALL = ["stages.0.epochs=4", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32"]
+
+
+@pytest.mark.parametrize("kind,sets", [
+    ("plain SGD + PGD-3", ["stages.0.adversarial={eps: 2/255, step_size: 1/255, steps: 3}"]),
+    ("frozen half + Adam + EMA", ["stages.0.freeze=first_half", "stages.0.optimizer={name: adam, lr: 0.001}",
+                                  "stages.0.average={ema_decay: 0.9, bn_batches: 1}"]),
+    ("Foreground-CutMix", ["stages.0.mixing={kind: foreground_cutmix, p: 0.5}"]),
+])
+def test_training_steps_of_each_kind_dispatch_no_syncing_operator(toy_data, tmp_path, monkeypatch, kind, sets):
+    monkeypatch.setenv("FASTTRICKS_CHECK_SYNCS", "1")  # every step of the run under no_host_sync
+    recipe = load_recipe("baseline", ["overrides/toy"], [*SMALL, *sets])
+    summary = train(recipe, toy_data, tmp_path / "r", show_progress=False)
+    assert summary["epochs"] == 4  # 4 epochs of 6 steps: 24 guarded steps
+
+
+def test_the_guard_is_on_in_the_loop(toy_data, tmp_path, monkeypatch):
+    from fasttricks import train as train_mod
+
+    real = train_mod.training_step
+
+    def step_that_reads_the_loss(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        loss.item()
+        return loss
+
+    monkeypatch.setattr(train_mod, "training_step", step_that_reads_the_loss)
+    monkeypatch.setenv("FASTTRICKS_CHECK_SYNCS", "1")
+    with pytest.raises(HostSyncError, match="_local_scalar_dense"):
+        train(load_recipe("baseline", ["overrides/toy"], SMALL), toy_data, tmp_path / "r", show_progress=False)
