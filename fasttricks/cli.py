@@ -327,6 +327,39 @@ def ablate(
     console.print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
 
 
+@app.command()
+@friendly
+def plot(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="run folders (several: overlaid)")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write; default RUN/curves.png of the first run")] = None,
+):
+    """One PNG of the curves across stages: train loss, lr, resolution, val and val_clutter top-1,
+    robust top-1 (final model), images/s."""
+    from fasttricks.plots import CURVES_NAME
+    from fasttricks.plots import plot as plot_runs
+
+    console.print(f"wrote {plot_runs(runs, out or runs[0] / CURVES_NAME)}")
+
+
+@app.command()
+@friendly
+def status(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="a run folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of lines")] = False,
+):
+    """Where a run stands: stage, epoch and step, images/s, the ETA of the stage and the run (from the
+    recipe's schedule and the measured time per epoch at each resolution), the last metrics, and
+    whether a process is still writing it."""
+    from fasttricks.status import describe, run_status
+
+    result = run_status(run)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for line in describe(result):
+            console.print(line, soft_wrap=True)
+
+
 brainscore_app = typer.Typer(no_args_is_help=True, help="Export a run as a Brain-Score model plugin; "
                              "activations and scores through brainscore_vision.")
 app.add_typer(brainscore_app, name="brainscore")
@@ -341,16 +374,21 @@ def brainscore_export(
     identifier: Annotated[str | None, typer.Option(
         help="model identifier (the resolution is appended); default: recipe, model, run, resolution")] = None,
     region: Annotated[list[str] | None, typer.Option(
-        help="REGION=LAYER for region_layer_map/ID.json, e.g. --region V1=blocks.3.0 (repeatable)")] = None,
+        help="REGION=LAYER over the default region map, e.g. --region V1=blocks.3.0 (repeatable)")] = None,
+    region_map: Annotated[bool, typer.Option(
+        help="write region_layer_map/ID.json (EfficientNet-B1: the 2022 winners' map; others: the same relative "
+        "depths); --no-region-map leaves layer selection to Brain-Score, which needs its data")] = True,
     overwrite: bool = False,
 ):
     """Write a brainscore_vision model plugin (model.py, __init__.py, weights, requirements.txt, test.py)."""
     from fasttricks.brainscore.export import export
 
-    config = export(source, out, identifier=identifier, regions=region or [], overwrite=overwrite)
+    config = export(source, out, identifier=identifier, regions=region or [], region_map=region_map,
+                    overwrite=overwrite)
     console.print(f"[green]{out}[/]: {config['identifier']} · {config['arch']} · resize {config['resize']} / "
                   f"crop {config['crop']} · {len(config['layers'])} layers · read-out "
                   f"{config['behavioral_readout_layer']}")
+    console.print(f"  region map: {config['region_layer_map'] or 'none'} ({config['region_layer_map_source']})")
 
 
 @brainscore_app.command("activations")

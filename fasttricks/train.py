@@ -20,7 +20,7 @@ import timm.utils
 import torch
 from torch import nn
 
-from fasttricks import distributed, fixres, freezing, runs, syncguard
+from fasttricks import distributed, fixres, freezing, plots, runs, syncguard
 from fasttricks.adversarial import attack_generator, describe_eps, pgd
 from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
 from fasttricks.augment.mixing import mix
@@ -154,7 +154,8 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
     model = model.to(device).to(memory_format=torch.channels_last)
     info = {"arch": recipe.model.arch, "num_classes": len(classes), "classes": classes,
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-            "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name}
+            "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name,
+            "data": Path(data_dir).name}
     loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
                           batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
                           distributed=world > 1)  # every rank evaluates its shard
@@ -231,7 +232,19 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
             break
     if finished >= stage.epochs and stage.average is not None:
         _average_stage(run, s, stage, ema)
+    if finished >= stage.epochs:
+        _write_curves(run)
     return done_now
+
+
+def _write_curves(run: Run) -> None:
+    """RUN/curves.png, refreshed at each stage's end; a plotting failure never stops a run."""
+    if not run.is_main:
+        return
+    try:
+        plots.plot([run.out], run.out / plots.CURVES_NAME)
+    except Exception as e:  # matplotlib on a head-less node, a full disk...: say so and go on
+        console.print(f"[yellow]could not write {run.out / plots.CURVES_NAME}: {type(e).__name__}: {e}")
 
 
 def _stage_done(position: Position, stage: StageConfig) -> bool:
@@ -341,7 +354,7 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
     run.info["train_resolution"] = res
     row = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
            "resolution": res, "train_loss": loss_sum.item() / max(done, 1),
-           "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2)}
+           "images_per_s": round(seen / max(seconds, 1e-9), 1), "seconds": round(seconds, 2), "steps": steps}
     every = run.recipe.evaluation.every
     if (epoch + 1) % every == 0 or epoch + 1 == stage.epochs:  # every rank its shard
         row.update(as_row(evaluate_splits(run.model, run.val_loaders, device)))
@@ -443,6 +456,7 @@ def _finish(run: Run, seconds: float) -> dict:
     if run.is_main:
         save_weights(run.out / "final.safetensors", run.model.net, run.info)
         runs.write_json(run.out / "summary.json", summary)
+        _write_curves(run)  # with the final robust accuracy
     return summary
 
 

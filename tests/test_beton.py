@@ -227,3 +227,15 @@ def test_a_limited_build_extrapolates_the_size_of_the_whole_folder(tmp_path):
     manifest = json.loads((tmp_path / "o.beton.json").read_text())
     assert manifest["beton_bytes"] == (tmp_path / "o.beton").stat().st_size and manifest["source_images"] == 9
     assert "all 9 images at these settings: about" in result.output
+
+
+def test_the_write_shows_one_rich_bar_and_no_tqdm_bar_of_ffcvs(tmp_path):
+    import ffcv.writer
+
+    _folder(tmp_path / "src", size=(16, 16))
+    original = ffcv.writer.tqdm
+    result = CliRunner().invoke(app, ["build-beton", str(tmp_path / "src"), str(tmp_path / "o.beton"),
+                                      "--write-mode", "raw", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "writing o.beton" in result.output and "it/s]" not in result.output  # tqdm's signature
+    assert ffcv.writer.tqdm is original  # put back after the write

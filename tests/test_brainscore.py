@@ -56,12 +56,14 @@ def plugin(run, tmp_path_factory):
 
 def test_export_writes_the_plugin_layout_unpinned_and_named_by_resolution(plugin):
     out, config = plugin
-    assert {p.name for p in out.iterdir()} == {"__init__.py", "model.py", "model.json", "test.py",
+    assert {p.name for p in out.iterdir()} == {"__init__.py", "model.py", "model.json", "test.py", "metadata.yaml",
                                               "requirements.txt", "weights.safetensors", "region_layer_map"}
     name = config["identifier"]
     assert name == "fasttricks-winner-test_efficientnet-my-run-48x40"
     assert f"model_registry['{name}'] = lambda: ModelCommitment(" in (out / "__init__.py").read_text()
-    assert json.loads((out / "region_layer_map" / f"{name}.json").read_text()) == {"V1": "blocks.1", "IT": "blocks.4"}
+    # --region over the default map (a tiny net: the winning map's relative depths)
+    assert json.loads((out / "region_layer_map" / f"{name}.json").read_text()) == {
+        "V1": "blocks.1", "V2": "blocks.2.0", "V4": "blocks.2.0", "IT": "blocks.4"}
     requirements = (out / "requirements.txt").read_text().splitlines()
     # names with bounds where a feature needs one, never this machine's exact builds
     assert "torch" in requirements and "timm>=1.0.9" in requirements
@@ -190,4 +192,59 @@ def test_score_takes_a_region_map_of_its_own_and_writes_it_into_the_export(run, 
                                       "--region", "V1=blocks.1"])
     assert result.exit_code == 2  # offline: the scoring itself cannot run here
     maps = list((run / "brainscore").glob("*/region_layer_map/*.json"))
-    assert [json.loads(p.read_text()) for p in maps] == [{"V1": "blocks.1"}]
+    assert len(maps) == 1 and json.loads(maps[0].read_text())["V1"] == "blocks.1"
+
+
+def test_efficientnet_b1_gets_the_2022_winners_region_map_and_others_the_same_depths():
+    import timm
+
+    from fasttricks.brainscore.layers import WINNING_MAP_2022, default_region_map
+
+    for arch in ("efficientnet_b1", "tf_efficientnet_b1"):
+        assert default_region_map(arch, timm.create_model(arch))[0] == WINNING_MAP_2022
+    resnet, how = default_region_map("resnet50", timm.create_model("resnet50"))
+    assert resnet == {"V1": "layer2.2", "V2": "layer3.1", "V4": "layer3.1", "IT": "layer4.1"} and "relative" in how
+
+
+def test_metadata_yaml_holds_brainscores_own_fields_and_no_region_map_is_possible(run, tmp_path):
+    import yaml
+
+    out = tmp_path / "p"
+    config = export(run, out, region_map=False)
+    assert not (out / "region_layer_map").exists() and config["region_layer_map"] == {}
+    meta = yaml.safe_load((out / "metadata.yaml").read_text())["models"][config["identifier"]]
+    net = create_model(ModelConfig(arch="test_efficientnet"), 10).net
+    assert meta["total_parameter_count"] == sum(p.numel() for p in net.parameters())
+    assert meta["total_layers"] == sum(1 for _ in net.modules()) and meta["model_family"] == "efficientnet"
+    assert meta["runnable"] is True and meta["model_size_mb"] > 0 and "recipe winner" in meta["extra_notes"]
+    with pytest.raises(ExportError, match="contradict"):
+        export(run, tmp_path / "q", region_map=False, regions=["V1=blocks.1"])
+
+
+def test_the_export_passes_brainscores_own_plugin_checks_offline(plugin, images, monkeypatch):
+    """brainscore_vision's generic_plugin_tests (what it runs on a submitted plugin), on our
+    commitment, with our three images standing in for its stimuli (not shipped in the wheel)."""
+    from brainscore_vision import model_registry
+    from brainscore_vision.model_helpers import generic_plugin_tests as generic
+
+    out, config = plugin
+    name = config["identifier"]
+    monkeypatch.setenv("RESULTCACHING_DISABLE", "1")
+    monkeypatch.syspath_prepend(str(out.parent))
+    __import__(out.name)  # registers the commitment, as Brain-Score's plugin loader would
+    paths = sorted(images.glob("*.png"))
+
+    def our_stimuli():
+        from brainscore_core.supported_data_standards.brainio.stimuli import StimulusSet
+
+        s = StimulusSet({"stimulus_id": ["stimid1", "stimid2", "stimid3"], "object_name": ["rgb"] * 3,
+                         "image_label": ["label1", "label1", "label2"], "filename": ["rgb1", "rgb2", "rgb3"]})
+        s.stimulus_paths = dict(zip(["stimid1", "stimid2", "stimid3"], paths, strict=True))
+        s.identifier = f"fasttricks-generic-{name}"
+        return s
+
+    monkeypatch.setattr(generic, "_make_stimulus_set", our_stimuli)
+    monkeypatch.setattr(generic, "load_model", lambda identifier: model_registry[identifier]())
+    for check in (generic.test_identifier, generic.test_visual_degrees, generic.test_start_task_or_recording,
+                  generic.test_look_at_neural_V1, generic.test_look_at_behavior_probabilities):
+        check(name)

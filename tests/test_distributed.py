@@ -72,8 +72,8 @@ def torchrun_run(toy_data, tmp_path_factory):
 
 def test_torchrun_training_writes_the_run_from_rank_zero_only(torchrun_run):
     out = torchrun_run
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "environment.json",  # no .lock left
-                                                    "final.safetensors", "fixres.csv", "fixres.png",
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "curves.png",  # no .lock left
+                                                    "environment.json", "final.safetensors", "fixres.csv", "fixres.png",
                                                     "metrics.jsonl", "summary.json"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["s0-e001", "s1-e001", "s1-e002",
                                                                       "s1-e002-avg"]

@@ -39,7 +39,8 @@ def winner_run(toy_data, tmp_path_factory):
 
 def test_winner_runs_every_stage_and_its_summary_holds_every_field(winner_run):
     out, summary = winner_run
-    for name in ("config.yaml", "metrics.jsonl", "final.safetensors", "summary.json", "fixres.csv", "fixres.png"):
+    for name in ("config.yaml", "metrics.jsonl", "final.safetensors", "summary.json", "fixres.csv", "fixres.png",
+                 "curves.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "summary.json").read_text()) == summary
     for key in ("val_top1", "val_clutter_top1", "val_robust_top1", "val_clutter_robust_top1", "robust_attack",
@@ -51,6 +52,10 @@ def test_winner_runs_every_stage_and_its_summary_holds_every_field(winner_run):
     assert [(r["stage"], r["epoch"], r.get("averaged")) for r in rows] == [
         ("adversarial", 1, None), ("adversarial", 2, None), ("behaviour", 1, None), ("behaviour", 2, None),
         ("behaviour", 3, None), ("behaviour", 3, "epochs 2,3")]
+    from fasttricks.plots import curves  # the plot's x runs across both stages; the average at its stage's end
+
+    assert [x for x, _ in curves(out)["val_top1"]] == [1, 2, 3, 4, 5, 5]
+    assert curves(out)["val_robust_top1"] == [(5.0, summary["val_robust_top1"])]
     info = read_info(out / "final.safetensors")
     assert (info["val_crop"], info["val_resize"]) == (summary["test_crop"], summary["test_resize"])
     assert info["frozen"][:2] == ["conv_stem", "bn1"]

@@ -19,7 +19,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from fasttricks.brainscore.layers import READOUT, candidate_layers
+import yaml
+
+from fasttricks.brainscore.layers import READOUT, candidate_layers, default_region_map
 from fasttricks.checkpoint import read_info
 from fasttricks.models import WeightsError, weights_file
 
@@ -91,8 +93,10 @@ def versions() -> dict[str, str]:
 
 
 def export(source: Path, out: Path, *, identifier: str | None = None, regions: list[str] = (),
-           overwrite: bool = False) -> dict:
-    """Write the plugin folder ``out`` (atomically: a temporary folder renamed); returns model.json."""
+           region_map: bool = True, overwrite: bool = False) -> dict:
+    """Write the plugin folder ``out`` (atomically: a temporary folder renamed); returns model.json.
+    The region map is the default one (``layers.default_region_map``) with ``regions`` over it;
+    ``region_map=False`` writes none, leaving layer selection to Brain-Score (which needs its data)."""
     weights, summary = find_weights(source)
     try:
         info = read_info(weights)
@@ -111,9 +115,32 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
                          "fixres": info.get("fixres"), "frozen": info.get("frozen", []),
                          "summary": {k: v for k, v in summary.items() if k.endswith(("_top1", "attack"))},
                          "exported_with": versions()}}
-    region_map = parse_regions(list(regions), layers)
-    _write_folder(out, config, weights, region_map, overwrite)
+    mapping, how = default_region_map(info["arch"], net) if region_map else ({}, "none: Brain-Score chooses")
+    given = parse_regions(list(regions), layers)
+    if given and not region_map:
+        raise ExportError("--region and --no-region-map contradict each other; give one")
+    config["region_layer_map"] = {**mapping, **given}
+    config["region_layer_map_source"] = how + (f"; given: {', '.join(given)}" if given else "")
+    _write_folder(out, config, weights, config["region_layer_map"], overwrite, plugin_metadata(net, info, name))
     return config
+
+
+def plugin_metadata(net, info: dict, identifier: str) -> dict:
+    """``metadata.yaml`` as plugins write it: Brain-Score's own fields, computed by its own code
+    (``VisionDomainPlugin.create_model_metadata``), with what we know of the training added."""
+    from brainscore_vision.plugin_management.vision_domain_plugin import VisionDomainPlugin
+
+    class _Offline(VisionDomainPlugin):
+        def get_huggingface_link(self, model_name):  # an export makes no network request
+            return None
+
+    fields = _Offline().create_model_metadata(net, f"{identifier}-{info['arch']}", identifier)
+    frozen = info.get("frozen") or []
+    fields["training_dataset"] = info.get("data")
+    fields["extra_notes"] = (f"trained with fasttricks, recipe {info.get('recipe')}; tested at resize "
+                             f"{info['val_resize']} / crop {info['val_crop']}"
+                             + (f"; frozen in the last stage: {frozen[0]} ... {frozen[-1]}" if frozen else ""))
+    return {"models": {identifier: fields}}
 
 
 def _network(info: dict):
@@ -130,7 +157,8 @@ def sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_folder(out: Path, config: dict, weights: Path, region_map: dict, overwrite: bool) -> None:
+def _write_folder(out: Path, config: dict, weights: Path, region_map: dict, overwrite: bool,
+                  meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -142,6 +170,7 @@ def _write_folder(out: Path, config: dict, weights: Path, region_map: dict, over
         (tmp / "test.py").write_text(_TEST.format(name=name))
         (tmp / "requirements.txt").write_text(
             "".join(f"{p}{bound}\n" for p, bound in REQUIREMENTS.items()))
+        (tmp / "metadata.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
         if region_map:
             (tmp / "region_layer_map").mkdir()
             (tmp / "region_layer_map" / f"{name}.json").write_text(json.dumps(region_map, indent=1) + "\n")

@@ -12,6 +12,11 @@ from torch import nn
 from fasttricks.freezing import block_names
 
 READOUT = "global_pool"
+# The 2022 winning entries' region map for EfficientNet-B1 (their region_layer_map/*.json).
+WINNING_MAP_2022 = {"V1": "blocks.3.0", "V2": "blocks.3", "V4": "blocks.4.0.conv_pwl", "IT": "blocks.6.0.conv_pwl"}
+# The same map as relative depth (block index / last block index) over EfficientNet-B1's 23 blocks:
+# blocks.3.0 is block 8, blocks.3 ends with block 11, blocks.4.0 is 12 and blocks.6.0 is 21.
+RELATIVE_DEPTH = {"V1": 8 / 22, "V2": 11 / 22, "V4": 12 / 22, "IT": 21 / 22}
 _SUB_LAYERS = ("conv_pw", "conv_dw", "conv_pwl", "conv1", "conv2", "conv3")  # EfficientNet, ResNet
 
 
@@ -34,3 +39,15 @@ def candidate_layers(net: nn.Module) -> list[str]:
         if last_of_stage and len(set(stage_of.values())) > 1:
             layers.append(stage)
     return layers + [READOUT]
+
+
+def default_region_map(arch: str, net: nn.Module) -> tuple[dict[str, str], str]:
+    """(region → layer, how it was chosen). EfficientNet-B1 (either padding) gets the 2022 winning
+    entry's map; any other network the block at the same relative depth as that map's layers."""
+    layers = candidate_layers(net)
+    if "efficientnet_b1" in arch and all(layer in layers for layer in WINNING_MAP_2022.values()):
+        return dict(WINNING_MAP_2022), "the 2022 winning entry's map for EfficientNet-B1"
+    _, blocks = block_names(net)
+    mapping = {region: blocks[round(depth * (len(blocks) - 1))] for region, depth in RELATIVE_DEPTH.items()}
+    return mapping, ("the blocks at the relative depths of the 2022 winning map (V1 8/22, V2 11/22, V4 12/22, "
+                     f"IT 21/22 of the {len(blocks)} blocks)")

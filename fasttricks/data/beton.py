@@ -14,6 +14,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fasttricks.atomic import atomic_path, write_json
-from fasttricks.progress import console, progress_bar
+from fasttricks.progress import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -269,11 +270,10 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
                                      smart_threshold=opts.smart_threshold),
               "label": IntField()}
     with tempfile.TemporaryDirectory(prefix="fasttricks-failures-") as failures, atomic_path(out) as tmp:
-        if show_progress:
-            console.print(f"writing {len(good)} images to {out} (FFCV, {workers} workers)")
         writer = DatasetWriter(str(tmp), fields, num_workers=workers)
-        writer.from_indexed_dataset(_FolderDataset(src, good, Path(failures)),
-                                    chunksize=max(1, min(100, len(good) // workers)))
+        with _writer_progress(f"writing {out.name} ({workers} workers)", len(good), show_progress):
+            writer.from_indexed_dataset(_FolderDataset(src, good, Path(failures)),
+                                        chunksize=max(1, min(100, len(good) // workers)))
         failed = sorted(Path(failures).iterdir(), key=lambda p: int(p.name))
         if failed:
             first = "; ".join(p.read_text() for p in failed[:3])
@@ -285,6 +285,31 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
                             options=asdict(opts), seconds=round(time.time() - start, 2))
     write_json(manifest_path(out), asdict(manifest), indent=1)
     return manifest
+
+
+@contextmanager
+def _writer_progress(label: str, total: int, enabled: bool):
+    """FFCV's writer draws its own tqdm bar, which interleaves with rich's output and cannot be
+    turned off; it has no progress hook either. So, for the write only, its ``tqdm`` name is
+    pointed at a small stand-in that advances our rich bar (or nothing, without progress)."""
+    import ffcv.writer
+
+    with progress_bar(label, total, enabled=enabled) as advance:
+        class _Bar:
+            def __init__(self, total=None, **_):
+                pass
+
+            def update(self, n=1):
+                advance(n)
+
+            def close(self):
+                pass
+
+        original, ffcv.writer.tqdm = ffcv.writer.tqdm, _Bar
+        try:
+            yield
+        finally:
+            ffcv.writer.tqdm = original
 
 
 def _classes_from(beton: str | None) -> list[str] | None:

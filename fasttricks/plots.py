@@ -1,0 +1,70 @@
+"""``fasttricks plot``: a run's curves across its stages in one PNG, several runs overlaid (people
+would rather look than read a 15-hour run's metrics.jsonl). Also written as ``RUN/curves.png``
+at the end of every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fasttricks.atomic import atomic_path
+from fasttricks.runs import read_metrics, saved_recipe
+
+PANELS = {"train_loss": "train loss", "lr": "learning rate", "resolution": "training resolution (px)",
+          "val_top1": "val top-1 (%)", "val_clutter_top1": "val_clutter top-1 (%)",
+          "val_robust_top1": "robust top-1 (%)", "images_per_s": "images/s"}
+CURVES_NAME = "curves.png"
+
+
+def curves(run: Path) -> dict[str, list[tuple[float, float]]]:
+    """Per metric, (x, value) points: x counts epochs across the run's stages (a stage's averaged
+    model sits at its stage's end). Robust top-1 is measured once, on the final model: one point."""
+    starts = _stage_starts(run)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for row in read_metrics(run):
+        x = starts[row["stage_index"]] + row["epoch"]
+        for key in PANELS:
+            if key in row:
+                points.setdefault(key, []).append((x, row[key]))
+    summary = run / "summary.json"
+    if summary.is_file() and "val_robust_top1" in (s := json.loads(summary.read_text())):
+        points["val_robust_top1"] = [(float(sum(st.epochs for st in saved_recipe(run).stages)), s["val_robust_top1"])]
+    return points
+
+
+def _stage_starts(run: Path) -> list[int]:
+    stages = saved_recipe(run).stages
+    return [sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
+
+
+def plot(runs: list[Path], out: Path) -> Path:
+    """Write one PNG with a panel per metric any run has, every run a line (atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {run: curves(run) for run in runs}
+    keys = [k for k in PANELS if any(k in d for d in data.values())]
+    if not keys:
+        raise ValueError(f"no metrics to plot in {', '.join(map(str, runs))} (no metrics.jsonl rows yet)")
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), dpi=110, squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for run, points in data.items():
+            if key in points:
+                xs, ys = zip(*points[key], strict=True)
+                ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", markersize=3, label=run.name)
+        for start in _stage_starts(runs[0])[1:]:  # stage boundaries of the first run
+            ax.axvline(start, color="gray", linestyle=":", linewidth=1)
+        ax.set(title=PANELS[key], xlabel="epoch (all stages)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,109 @@
+"""``fasttricks status RUN``: where a run stands, how fast it goes, and when its stage and the whole
+run should end, read from the run folder alone (another process may be writing it)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from pathlib import Path
+
+from fasttricks.checkpoint import Position, list_checkpoints
+from fasttricks.runs import LOCK_NAME, read_metrics, saved_recipe
+from fasttricks.schedules import resolution_at
+
+
+def writer_pid(run: Path) -> int | None:
+    """The pid of the process writing ``run`` (it holds RUN/.lock), or None."""
+    path = run / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only when no writer holds it
+        except BlockingIOError:
+            text = f.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None  # a lock file left by a killed run
+
+
+def epoch_seconds(rows: list[dict]) -> dict[tuple[int, int], float]:
+    """Measured seconds per epoch by (stage, resolution): the mean over that stage's epochs."""
+    seen: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        if "averaged" not in r and "seconds" in r:
+            seen.setdefault((r["stage_index"], r["resolution"]), []).append(r["seconds"])
+    return {k: sum(v) / len(v) for k, v in seen.items()}
+
+
+def _estimate(measured: dict[tuple[int, int], float], stage: int, res: int) -> float | None:
+    """Seconds for an epoch of ``stage`` at ``res``: measured, or scaled by pixel count from the
+    stage's nearest measured resolution (a step's cost grows about with the image area)."""
+    if (stage, res) in measured:
+        return measured[(stage, res)]
+    known = [(r, s) for (st, r), s in measured.items() if st == stage]
+    if not known:
+        return None
+    r, s = min(known, key=lambda rs: abs(rs[0] - res))
+    return s * (res / r) ** 2
+
+
+def run_status(run: Path) -> dict:
+    recipe = saved_recipe(run)
+    rows = read_metrics(run)
+    found = list_checkpoints(run)
+    position = found[-1][0] if found else Position(0, 0)
+    measured = epoch_seconds(rows)
+    remaining, unknown = [], []
+    for s, stage in enumerate(recipe.stages):
+        done = position.epoch if s == position.stage else (stage.epochs if s < position.stage else 0)
+        seconds = 0.0
+        for e in range(done, stage.epochs):
+            est = _estimate(measured, s, resolution_at(stage.resolution, e))
+            if est is None:
+                unknown.append(stage.name)
+                break
+            part_done = position.step / _steps(rows, s) if (s, e) == (position.stage, done) else 0.0
+            seconds += est * (1 - part_done)
+        remaining.append(seconds)
+    finished = (run / "summary.json").is_file()
+    last = next((r for r in reversed(rows) if any(k.endswith("_top1") for k in r)), {})
+    stage = recipe.stages[min(position.stage, len(recipe.stages) - 1)]
+    return {
+        "run": str(run), "recipe": recipe.name, "finished": finished, "writer_pid": writer_pid(run),
+        "stage": stage.name, "stage_index": position.stage, "epoch": position.epoch, "of_epochs": stage.epochs,
+        "step": position.step, "images_per_s": rows[-1].get("images_per_s") if rows else None,
+        "eta_stage_s": None if finished else (None if stage.name in unknown else remaining[position.stage]),
+        "eta_run_s": None if finished else (None if unknown else sum(remaining)),
+        "not_measured_yet": sorted(set(unknown)),
+        "last_metrics": {k: v for k, v in last.items() if k.endswith("_top1") or k in ("epoch", "stage")},
+        "summary": json.loads((run / "summary.json").read_text()) if finished else None,
+    }
+
+
+def _steps(rows: list[dict], stage: int) -> int:
+    """Steps per epoch of ``stage``, as its rows record them (a stage with no row yet: 1, so that a
+    mid-epoch position there counts its epoch as done; the estimate is then unknown anyway)."""
+    counts = [r["steps"] for r in rows if r.get("stage_index") == stage and "steps" in r]
+    return max(counts[-1] if counts else 1, 1)
+
+
+def describe(status: dict) -> list[str]:
+    """The status as lines for the terminal."""
+    def hours(s):
+        return "unknown" if s is None else f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+
+    state = ("finished" if status["finished"] else
+             f"running (pid {status['writer_pid']})" if status["writer_pid"] else "stopped (no process writes it)")
+    lines = [f"{status['run']}: {status['recipe']}, {state}",
+             f"  stage {status['stage']} ({status['stage_index'] + 1}), epoch {status['epoch']}/{status['of_epochs']}"
+             + (f", step {status['step']}" if status["step"] else "")
+             + (f" · {status['images_per_s']:.0f} img/s" if status["images_per_s"] else "")]
+    if not status["finished"]:
+        lines.append(f"  ETA: stage {hours(status['eta_stage_s'])}, run {hours(status['eta_run_s'])}"
+                     + (f" (not measured yet: {', '.join(status['not_measured_yet'])})"
+                        if status["not_measured_yet"] else ""))
+    if status["last_metrics"]:
+        lines.append("  last: " + " · ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in status["last_metrics"].items()))
+    return lines

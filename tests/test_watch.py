@@ -1,0 +1,68 @@
+"""Watching a long run: `fasttricks plot` (fasttricks/plots.py) and `fasttricks status`
+(fasttricks/status.py), on a stopped run and on the same run finished."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fasttricks.cli import app
+from fasttricks.plots import curves
+from fasttricks.recipes import load_recipe
+from fasttricks.runs import read_metrics
+from fasttricks.status import run_status
+from fasttricks.train import train
+
+SETS = ["stages.0.epochs=3", "stages.0.resolution={min: 32, max: 40, start_ramp: 1, end_ramp: 2, multiple: 8}",
+        "data.val_resize=48", "data.val_crop=40"]
+
+
+@pytest.fixture(scope="module")
+def stopped_and_finished(toy_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("watch")
+    recipe = load_recipe("baseline", ["overrides/toy"], SETS)
+    train(recipe, toy_data, root / "run", stop_after=2, show_progress=False)
+    shutil.copytree(root / "run", root / "stopped")
+    train(recipe, toy_data, root / "run", resume=True, show_progress=False)
+    return root / "stopped", root / "run"
+
+
+def test_status_of_a_stopped_run_estimates_the_rest_from_the_measured_epochs(stopped_and_finished):
+    stopped, _ = stopped_and_finished
+    s = run_status(stopped)
+    assert (s["finished"], s["writer_pid"], s["stage"], s["epoch"], s["of_epochs"]) == (False, None, "train", 2, 3)
+    rows = read_metrics(stopped)
+    # the last epoch runs at 40 px, not measured yet: the 32-px epochs' mean time scaled by pixel count
+    assert [r["resolution"] for r in rows] == [32, 32]
+    expected = (rows[0]["seconds"] + rows[1]["seconds"]) / 2 * (40 / 32) ** 2
+    assert s["eta_run_s"] == pytest.approx(expected) and s["eta_stage_s"] == s["eta_run_s"]
+    assert s["last_metrics"]["val_top1"] == rows[-1]["val_top1"]
+    out = CliRunner().invoke(app, ["status", str(stopped)])
+    assert out.exit_code == 0 and "stopped (no process writes it)" in out.output and "epoch 2/3" in out.output
+
+
+def test_status_of_a_finished_run_and_of_a_run_being_written(stopped_and_finished):
+    from fasttricks import runs
+
+    _, finished = stopped_and_finished
+    s = run_status(finished)
+    assert s["finished"] and s["eta_run_s"] is None and s["summary"]["val_top1"] == s["last_metrics"]["val_top1"]
+    with runs.lock(finished):  # as a training process holds it
+        assert run_status(finished)["writer_pid"] > 0
+    result = CliRunner().invoke(app, ["status", str(finished), "--json"])
+    assert json.loads(result.output)["finished"] is True
+
+
+def test_plot_draws_the_curves_of_metrics_jsonl_across_stages(stopped_and_finished, tmp_path):
+    stopped, finished = stopped_and_finished
+    rows = read_metrics(finished)
+    data = curves(finished)
+    assert data["val_top1"] == [(r["epoch"], r["val_top1"]) for r in rows]
+    assert data["resolution"] == [(1, 32), (2, 32), (3, 40)] and [y for _, y in data["lr"]] == [r["lr"] for r in rows]
+    assert (finished / "curves.png").is_file()  # written by the run itself at the end of its stage
+    result = CliRunner().invoke(app, ["plot", str(finished), str(stopped), "--out", str(tmp_path / "both.png")])
+    assert result.exit_code == 0, result.output
+    width, height = Image.open(tmp_path / "both.png").size
+    assert width > 1000 and height > 500  # a grid of panels
