@@ -50,7 +50,7 @@ def plot(runs: list[Path], out: Path) -> Path:
         raise ValueError(f"no metrics to plot in {', '.join(map(str, runs))} (no metrics.jsonl rows yet)")
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), dpi=110, squeeze=False, sharex=True)
     for ax, key in zip(axes.flat, keys, strict=False):
         for run, points in data.items():
             if key in points:
@@ -59,6 +59,7 @@ def plot(runs: list[Path], out: Path) -> Path:
         for start in _stage_starts(runs[0])[1:]:  # stage boundaries of the first run
             ax.axvline(start, color="gray", linestyle=":", linewidth=1)
         ax.set(title=PANELS[key], xlabel="epoch (all stages)")
+        ax.tick_params(labelbottom=True)  # shared x, but every panel keeps its numbers
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")

@@ -10,6 +10,7 @@ from ``--set dotted.key=value``; in both, a list of stages can be addressed by i
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import types
 import typing
@@ -306,6 +307,22 @@ class EvaluationConfig(Strict):
                                              "PGD attack (fp32); None: clean only")
 
 
+class LoggingConfig(Strict):
+    tensorboard: bool = Field(False, description="event files under RUN/tb/: scalars at the logging points, "
+                              "metrics per epoch (needs the tensorboard package: pip install fasttricks[tensorboard])")
+    wandb: bool = Field(False, description="the same to Weights & Biases when wandb is installed (WANDB_MODE=offline "
+                        "works without network)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        # checked with the recipe, before a run folder is touched
+        for key, package, hint in (("tensorboard", "tensorboard", "pip install 'fasttricks[tensorboard]'"),
+                                   ("wandb", "wandb", "pip install wandb")):
+            if getattr(self, key) and importlib.util.find_spec(package) is None:
+                raise ValueError(f"logging.{key}: true needs the {package} package ({hint})")
+        return self
+
+
 class Recipe(Strict):
     name: str
     description: str = ""
@@ -318,6 +335,7 @@ class Recipe(Strict):
         "{0: {...}} patches one stage, {'*': {...}} every stage")]
     fixres: FixResConfig | None = Field(None, description="test-resolution sweep after training; None: off")
     evaluation: EvaluationConfig = EvaluationConfig()
+    logging: LoggingConfig = LoggingConfig()
     paper: dict[str, float] = Field(default_factory=dict, description="the paper's figures for this recipe "
                                     "(shown beside ours by `fasttricks ablate`)")
     toy_override: str | None = Field(None, description="the override (relative to pipelines/) that makes this "

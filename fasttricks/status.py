@@ -48,24 +48,31 @@ def _estimate(measured: dict[tuple[int, int], float], stage: int, res: int) -> f
     return s * (res / r) ** 2
 
 
+def remaining_seconds(recipe, measured: dict[tuple[int, int], float], stage: int, epoch: int,
+                      part_done: float = 0.0) -> tuple[list[float], list[str]]:
+    """Seconds left in each stage from ``epoch`` (0-based, ``part_done`` of it done) of ``stage``
+    on, and the stages no estimate exists for yet (nothing of them measured)."""
+    remaining, unknown = [], []
+    for s, st in enumerate(recipe.stages):
+        start = epoch if s == stage else (st.epochs if s < stage else 0)
+        seconds = 0.0
+        for e in range(start, st.epochs):
+            est = _estimate(measured, s, resolution_at(st.resolution, e))
+            if est is None:
+                unknown.append(st.name)
+                break
+            seconds += est * (1 - part_done if (s, e) == (stage, start) else 1)
+        remaining.append(seconds)
+    return remaining, unknown
+
+
 def run_status(run: Path) -> dict:
     recipe = saved_recipe(run)
     rows = read_metrics(run)
     found = list_checkpoints(run)
     position = found[-1][0] if found else Position(0, 0)
-    measured = epoch_seconds(rows)
-    remaining, unknown = [], []
-    for s, stage in enumerate(recipe.stages):
-        done = position.epoch if s == position.stage else (stage.epochs if s < position.stage else 0)
-        seconds = 0.0
-        for e in range(done, stage.epochs):
-            est = _estimate(measured, s, resolution_at(stage.resolution, e))
-            if est is None:
-                unknown.append(stage.name)
-                break
-            part_done = position.step / _steps(rows, s) if (s, e) == (position.stage, done) else 0.0
-            seconds += est * (1 - part_done)
-        remaining.append(seconds)
+    remaining, unknown = remaining_seconds(recipe, epoch_seconds(rows), position.stage, position.epoch,
+                                           position.step / _steps(rows, position.stage))
     finished = (run / "summary.json").is_file()
     last = next((r for r in reversed(rows) if any(k.endswith("_top1") for k in r)), {})
     stage = recipe.stages[min(position.stage, len(recipe.stages) - 1)]
@@ -88,10 +95,15 @@ def _steps(rows: list[dict], stage: int) -> int:
     return max(counts[-1] if counts else 1, 1)
 
 
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
 def describe(status: dict) -> list[str]:
     """The status as lines for the terminal."""
-    def hours(s):
-        return "unknown" if s is None else f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+    hours = format_duration
 
     state = ("finished" if status["finished"] else
              f"running (pid {status['writer_pid']})" if status["writer_pid"] else "stopped (no process writes it)")

@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,9 @@ from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import OptimizerConfig, Recipe, RecipeError, StageConfig
 from fasttricks.schedules import lr_factor, resolution_at
+from fasttricks.status import epoch_seconds, format_duration, remaining_seconds
 from fasttricks.syncguard import no_host_sync
+from fasttricks.tracking import Tracker
 
 LOG_EVERY = 20  # steps between progress updates, the only syncs of a step
 
@@ -112,6 +114,8 @@ class Run:
     interrupt: _InterruptFlag
     epochs_before: list[int] = field(default_factory=list)  # global epoch index of each stage's start
     last_row: dict | None = None  # the newest metrics row, the same on every rank (rank 0 alone writes the file)
+    tracker: Tracker | None = None  # TensorBoard / W&B (logging:), rank 0 only
+    epoch_times: dict = field(default_factory=dict)  # (stage, resolution) -> measured seconds of its epochs
 
     def save(self, position: Position, state: dict) -> Path | None:
         if not self.is_main:
@@ -160,11 +164,13 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
                           batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
                           distributed=world > 1)  # every rank evaluates its shard
     starts = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
-    with _InterruptFlag() as interrupt:
+    tracker = Tracker(recipe.logging, out, recipe.model_dump(mode="json"), enabled=rank == 0)
+    with _InterruptFlag() as interrupt, closing(tracker):
         train_model = torch.compile(model) if recipe.model.compile else model
         run = Run(recipe, out, device, model, train_model, info, loaders, paths["train"],
-                  rank == 0, show_progress, interrupt, starts)
+                  rank == 0, show_progress, interrupt, starts, tracker=tracker)
         position, state = _restore(run) if resume else (Position(0, 0), None)
+        run.epoch_times = {k: [v] for k, v in epoch_seconds(runs.read_metrics(out)).items()}  # for the run ETA
         started = time.time()
         done_now = 0
         for s, stage in enumerate(recipe.stages):
@@ -223,6 +229,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
         row = _run_epoch(run, s, stage, epoch, loader, step_model, optimizer, criterion, augment, ema, resume_step,
                          state if resume_step else None)
         run.last_row = row
+        run.tracker.epoch(run.epochs_before[s] + epoch + 1, row)
         if run.is_main:
             runs.append_metrics(run.out, row)
         run.save(Position(s, epoch + 1), {"optimizer": optimizer.state_dict(), **_rng_state(), **_ema_state(ema)})
@@ -277,6 +284,7 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
     row = {"stage": stage.name, "stage_index": s, "epoch": stage.epochs, "averaged": how, "resolution": res}
     row.update(as_row(evaluate_splits(run.model, run.val_loaders, run.device)))
     run.last_row = row
+    run.tracker.epoch(run.epochs_before[s] + stage.epochs, row)
     if run.is_main:
         runs.append_metrics(run.out, row)
         if run.show_progress:
@@ -311,7 +319,8 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
     label = f"{stage.name} {epoch + 1}/{stage.epochs} @{res}px"
     tic = time.perf_counter()
     with progress_bar(label, steps, enabled=run.show_progress and run.is_main,
-                      extra="loss {task.fields[loss]} · {task.fields[ips]} img/s", loss="…", ips="…") as advance:
+                      extra="loss {task.fields[loss]} · {task.fields[ips]} img/s · run eta {task.fields[run_eta]}",
+                      loss="…", ips="…", run_eta="…") as advance:
         advance(start_step)
         shown = done = start_step
         seen_before = seen
@@ -338,9 +347,13 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
             done = step + 1
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
                 _check_finite(run, stage, epoch, first_bad)
-                elapsed = time.perf_counter() - tic
-                advance(step + 1 - shown, loss=f"{loss_sum.item() / (step + 1):.3f}",
-                        ips=f"{(seen - seen_before) / max(elapsed, 1e-9):.0f}")
+                mean_loss = loss_sum.item() / (step + 1)
+                ips = (seen - seen_before) / max(time.perf_counter() - tic, 1e-9)
+                advance(step + 1 - shown, loss=f"{mean_loss:.3f}", ips=f"{ips:.0f}",
+                        run_eta=_run_eta(run, s, epoch, res, (step + 1) / steps, seconds + time.perf_counter() - tic))
+                run.tracker.scalars((run.epochs_before[s] + epoch) * steps + step + 1,
+                                    {"train/loss": mean_loss, "train/lr": optimizer.param_groups[0]["lr"],
+                                     "train/images_per_s": ips})
                 shown = step + 1
             if _interrupted(run, step, steps):
                 _check_finite(run, stage, epoch, first_bad)
@@ -351,6 +364,7 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                 raise Interrupted(f"interrupted at {stage.name} epoch {epoch + 1} step {step + 1}; "
                                   f"saved {path}. Continue with --resume.")
     seconds += time.perf_counter() - tic
+    run.epoch_times.setdefault((s, res), []).append(seconds)
     run.info["train_resolution"] = res
     row = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
            "resolution": res, "train_loss": loss_sum.item() / max(done, 1),
@@ -361,6 +375,15 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
     if run.is_main and run.show_progress:
         console.print(_describe_row(row))
     return row
+
+
+def _run_eta(run: Run, s: int, epoch: int, res: int, part_done: float, elapsed: float) -> str:
+    """The whole run's remaining time: the recipe's remaining epochs at their resolutions, each at
+    the measured time of its stage and resolution (this epoch's rate where none is measured yet)."""
+    measured = {k: sum(v) / len(v) for k, v in run.epoch_times.items()}
+    measured.setdefault((s, res), elapsed / max(part_done, 1e-9))
+    left, unknown = remaining_seconds(run.recipe, measured, s, epoch, part_done)
+    return f"{format_duration(sum(left))}" + (f" + {', '.join(unknown)}" if unknown else "")
 
 
 def _interrupted(run: Run, step: int, steps: int) -> bool:

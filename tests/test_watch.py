@@ -12,6 +12,7 @@ from fasttricks.cli import app
 from fasttricks.plots import curves
 from fasttricks.recipes import load_recipe
 from fasttricks.runs import read_metrics
+from fasttricks.schedules import resolution_at
 from fasttricks.status import run_status
 from fasttricks.train import train
 
@@ -66,3 +67,42 @@ def test_plot_draws_the_curves_of_metrics_jsonl_across_stages(stopped_and_finish
     assert result.exit_code == 0, result.output
     width, height = Image.open(tmp_path / "both.png").size
     assert width > 1000 and height > 500  # a grid of panels
+
+
+def test_tensorboard_events_read_back_with_tensorboards_own_reader(toy_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = load_recipe("baseline", ["overrides/toy"], [*SETS, "stages.0.epochs=2", "logging.tensorboard=true"])
+    train(recipe, toy_data, tmp_path / "r", show_progress=False)
+    events = EventAccumulator(str(tmp_path / "r" / "tb"))
+    events.Reload()
+    rows = read_metrics(tmp_path / "r")
+    assert [e.value for e in events.Scalars("epoch/val_top1")] == pytest.approx([r["val_top1"] for r in rows])
+    assert [e.step for e in events.Scalars("epoch/val_top1")] == [1, 2]
+    assert len(events.Scalars("train/loss")) == 2  # a logging point at each epoch's last step (6 steps < 20)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_with_the_recipe(monkeypatch):
+    import importlib.util
+
+    from fasttricks.recipes import RecipeError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(RecipeError, match="logging.wandb: true needs the wandb package"):
+        load_recipe("baseline", sets=["logging.wandb=true"])
+
+
+def test_the_progress_lines_run_eta_counts_every_remaining_epoch_at_its_resolution():
+    from types import SimpleNamespace
+
+    from fasttricks.train import _run_eta
+
+    recipe = load_recipe("winner")  # 40 epochs 160 -> 240, then 5 at 240
+    run = SimpleNamespace(recipe=recipe, epoch_times={(0, 160): [600.0]})
+    # half of epoch 0 done at 160 px, 10 min per 160-px epoch; stage 2 never measured yet
+    eta = _run_eta(run, 0, 0, 160, 0.5, 300.0)
+    assert eta.endswith("+ behaviour")  # said, not guessed
+    later = [resolution_at(recipe.stages[0].resolution, e) for e in range(1, 40)]
+    expected = 0.5 * 600 + sum(600 * (r / 160) ** 2 for r in later)  # scaled by pixel count
+    assert eta.startswith(f"{expected / 3600:.1f} h")
