@@ -273,7 +273,8 @@ def _sizes(text: str) -> list[int]:
     try:
         return FixResConfig(sizes=text).sizes
     except ValueError as e:
-        raise RecipeError(f"--sizes {text!r}: expected START:STOP:STEP such as 224:416:16") from e
+        raise RecipeError(f"--sizes {text!r}: expected START:STOP:STEP such as 224:416:16 and/or RESIZE/CROP "
+                          f"such as 324/288, comma-separated") from e
 
 
 @app.command("fixres")
@@ -283,7 +284,11 @@ def fixres_cmd(
         help="final.safetensors of a run, or any fasttricks weights file")],
     data: DataOpt = "toy",
     sizes: Annotated[str | None, typer.Option(
-        help="test crops START:STOP:STEP (stop included); default 0.8-1.75x the training test crop")] = None,
+        help="test crops START:STOP:STEP (stop included, resized at the training ratio) and/or RESIZE/CROP pairs, "
+        "comma-separated: 224:416:16,324/288; default crops 0.8-1.75x the training test crop")] = None,
+    metric: Annotated[str, typer.Option(help="the split whose top-1 picks the size: val or val_clutter")] = "val",
+    held_out: Annotated[bool, typer.Option(
+        help="pick on the even-numbered half of each split and report the chosen size on the odd half")] = True,
     out: Annotated[Path | None, typer.Option(help="folder for fixres.csv/png; default: beside the weights")] = None,
     batch_size: int = 256, device: str | None = None,
 ):
@@ -295,8 +300,11 @@ def fixres_cmd(
     from fasttricks.devices import default_device
     from fasttricks.fixres import fixres_command
 
-    result = fixres_command(weights, resolve_data(data), crops=_sizes(sizes) if sizes else None,
-                            batch_size=batch_size, out_dir=out,
+    if metric not in ("val", "val_clutter"):
+        raise ValueError(f"--metric must be val or val_clutter, not {metric!r} (a Brain-Score benchmark as the "
+                         f"metric needs its data, which this machine cannot fetch)")
+    result = fixres_command(weights, resolve_data(data), sizes=_sizes(sizes) if sizes else None, metric=metric,
+                            held_out=held_out, batch_size=batch_size, out_dir=out,
                             device=torch.device(device) if device else default_device())
     console.print(f"curve: {result['csv']}, {result['png']}")
 

@@ -15,6 +15,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,22 +31,35 @@ CSV_NAME, PNG_NAME = "fixres.csv", "fixres.png"
 
 def default_sizes(crop: int) -> list[int]:
     """Test crops from 0.8x to 1.75x the training test crop, on a grid of multiples of 8 (about 15
-    points): 192, 208, ..., 416 for 240, a range that holds the paper's 288 and FixEfficientNet's 384."""
+    points): 192, 208, ..., 416 for 240. It holds crop 288 (the 2022 entries tested at resize 324 / crop
+    288; the paper names 324x324 as the behaviour-optimal test resolution) and 384, the classification
+    optimum the paper cites."""
     step = max(8, 8 * round(crop / 15 / 8))
     start = max(8, 8 * round(0.8 * crop / 8))
     return list(range(start, int(1.75 * crop) + 1, step))
 
 
-def sweep(model: nn.Module, loaders: dict[str, ValLoader], crops: list[int], *, ratio: float,
-          device: torch.device, show_progress: bool = True) -> list[dict]:
-    """Accuracy at each test crop (resize = round(crop / ratio)); one row per crop. The loaders
-    are left at the last size."""
+def size_pairs(sizes: list[int | str], ratio: float) -> list[tuple[int, int]]:
+    """(resize, crop) for each size: a crop is resized at the training ``ratio``, a ``"R/C"`` pair
+    is taken as written. Sorted by crop, then resize; duplicates dropped."""
     if not 0 < ratio <= 1:
         raise ValueError(f"crop/resize ratio must lie in (0, 1], not {ratio}")
+    pairs = set()
+    for size in sizes:
+        if isinstance(size, str):
+            resize, crop = (int(v) for v in size.split("/"))
+        else:
+            resize, crop = round(size / ratio), int(size)
+        pairs.add((resize, crop))
+    return sorted(pairs, key=lambda rc: (rc[1], rc[0]))
+
+
+def sweep(model: nn.Module, loaders: dict[str, ValLoader], sizes: list[tuple[int, int]], *,
+          device: torch.device, show_progress: bool = True) -> list[dict]:
+    """Accuracy at each (resize, crop); one row per size. The loaders are left at the last size."""
     rows = []
-    with progress_bar("FixRes sweep", len(crops), enabled=show_progress) as advance:
-        for crop in sorted(set(crops)):
-            resize = round(crop / ratio)
+    with progress_bar("FixRes sweep", len(sizes), enabled=show_progress) as advance:
+        for resize, crop in sizes:
             for loader in loaders.values():
                 loader.set_size(resize, crop)
             rows.append({"crop": crop, "resize": resize, **as_row(evaluate_splits(model, loaders, device))})
@@ -55,7 +69,22 @@ def sweep(model: nn.Module, loaders: dict[str, ValLoader], crops: list[int], *, 
 
 def best(rows: list[dict], metric: str = "val_top1") -> dict:
     """The row with the highest ``metric``; on a tie, the smallest size (cheaper to run)."""
-    return max(rows, key=lambda r: (r[metric], -r["crop"]))
+    if metric not in rows[0]:
+        raise ValueError(f"fixres metric {metric!r}: the data has no such split (have: "
+                         f"{', '.join(k for k in rows[0] if k.endswith('_top1'))})")
+    return max(rows, key=lambda r: (r[metric], -r["crop"], -r["resize"]))
+
+
+def halves(loaders: dict[str, ValLoader]) -> tuple[dict[str, ValLoader], dict[str, ValLoader]]:
+    """Each split's loader as two: its even-numbered images (to choose the size on) and its
+    odd-numbered ones (to report the chosen size on)."""
+    from fasttricks.data.beton import read_manifest
+
+    pick, report = {}, {}
+    for split, loader in loaders.items():
+        n = read_manifest(loader.beton)["images"]
+        pick[split], report[split] = (loader.subset(np.arange(start, n, 2)) for start in (0, 1))
+    return pick, report
 
 
 def write_curve(rows: list[dict], chosen: dict, out_dir: Path, *, train_crop: int | None = None,
@@ -79,11 +108,15 @@ def _plot(rows: list[dict], chosen: dict, path: Path, *, train_crop: int | None,
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     crops = [r["crop"] for r in rows]
+    half = " (even half)" if "held_out" in chosen else ""
     for split, style in (("val", "o-"), ("val_clutter", "s--")):
         if f"{split}_top1" in rows[0]:
-            ax.plot(crops, [r[f"{split}_top1"] for r in rows], style, label=split)
+            line, = ax.plot(crops, [r[f"{split}_top1"] for r in rows], style, label=split + half)
+            if "held_out" in chosen:
+                ax.plot([chosen["crop"]], [chosen["held_out"][f"{split}_top1"]], "*", markersize=12,
+                        color=line.get_color(), label=f"{split} at the chosen size, odd half")
     ax.axvline(chosen["crop"], color="tab:green", alpha=0.5,
-               label=f"best: crop {chosen['crop']} / resize {chosen['resize']}")
+               label=f"chosen by {chosen.get('metric', 'val')}: resize {chosen['resize']} / crop {chosen['crop']}")
     if train_crop is not None:
         ax.axvline(train_crop, color="gray", linestyle=":", label=f"training crop {train_crop}")
     ax.set(xlabel="test crop (px)", ylabel="top-1 (%)", title=title or "FixRes: accuracy against test size")
@@ -145,23 +178,35 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
             p.requires_grad_(saved[n])
 
 
-def choose(model: nn.Module, loaders: dict[str, ValLoader], crops: list[int], *, ratio: float,
-           device: torch.device, out_dir: Path, train_crop: int | None, title: str,
-           show_progress: bool = True, write: bool = True) -> tuple[list[dict], dict]:
-    """Sweep, pick the best size, write ``fixres.csv`` / ``fixres.png`` into ``out_dir`` (unless
-    ``write`` is False: the other ranks of a run) and say which size won; returns (curve, chosen row)."""
-    rows = sweep(model, loaders, crops, ratio=ratio, device=device, show_progress=show_progress)
-    chosen = best(rows)
+def choose(model: nn.Module, loaders: dict[str, ValLoader], sizes: list[tuple[int, int]], *,
+           metric: str = "val", held_out: bool = True, device: torch.device, out_dir: Path,
+           train_crop: int | None, title: str, show_progress: bool = True,
+           write: bool = True) -> tuple[list[dict], dict]:
+    """Sweep, pick the size with the best ``metric`` top-1, write ``fixres.csv`` / ``fixres.png``
+    into ``out_dir`` (unless ``write`` is False: the other ranks of a run) and say which size won.
+    With ``held_out``, the curve and the choice use the even-numbered half of each split and the
+    chosen size is then measured on the odd half (``chosen["held_out"]``): the maximum of a noisy
+    curve overstates the accuracy at the size it picks. Returns (curve, chosen row)."""
+    pick, report = halves(loaders) if held_out else (loaders, None)
+    rows = sweep(model, pick, sizes, device=device, show_progress=show_progress)
+    chosen = dict(best(rows, f"{metric}_top1"), metric=metric, chosen_on="even half" if held_out else "all images")
+    if report is not None:
+        for loader in report.values():
+            loader.set_size(chosen["resize"], chosen["crop"])
+        chosen["held_out"] = as_row(evaluate_splits(model, report, device))
     if write:
         write_curve(rows, chosen, out_dir, train_crop=train_crop, title=title)
     if show_progress:
-        console.print(f"FixRes: best test size crop {chosen['crop']} / resize {chosen['resize']} "
-                      f"(val top-1 {chosen['val_top1']:.2f}%; {out_dir / PNG_NAME})")
+        said = (f"held-out half: {metric} top-1 {chosen['held_out'][f'{metric}_top1']:.2f}%" if held_out
+                else f"{metric} top-1 {chosen[f'{metric}_top1']:.2f}%")
+        console.print(f"FixRes: best test size resize {chosen['resize']} / crop {chosen['crop']} by {metric} ({said}; "
+                      f"{out_dir / PNG_NAME})")
     return rows, chosen
 
 
 def choice(row: dict) -> dict:
-    return {k: row[k] for k in ("crop", "resize", "val_top1", "val_clutter_top1") if k in row}
+    keep = ("crop", "resize", "metric", "chosen_on", "val_top1", "val_clutter_top1", "held_out")
+    return {k: row[k] for k in keep if k in row}
 
 
 def summary_fields(chosen: dict) -> dict:
@@ -177,8 +222,9 @@ def test_size_info(info: dict, chosen: dict) -> dict:
             "val_crop": chosen["crop"], "val_resize": chosen["resize"], "fixres": choice(chosen)}
 
 
-def fixres_command(weights: Path, data_dir: Path, *, crops: list[int] | None, batch_size: int,
-                   device: torch.device, out_dir: Path | None = None, workers: int = 0) -> dict:
+def fixres_command(weights: Path, data_dir: Path, *, sizes: list[int | str] | None, batch_size: int,
+                   device: torch.device, out_dir: Path | None = None, workers: int = 0, metric: str = "val",
+                   held_out: bool = True) -> dict:
     """``fasttricks fixres``: sweep, write the curve beside the weights (or in ``out_dir``), and when
     the weights are a run's ``final.safetensors``, record the choice in its ``summary.json``."""
     from fasttricks.evaluate import check_data_fits, load_classifier
@@ -192,9 +238,9 @@ def fixres_command(weights: Path, data_dir: Path, *, crops: list[int] | None, ba
     loaders = val_loaders(data_dir, resize=train_resize, crop=train_crop, batch_size=batch_size, device=device,
                           workers=workers)
     out_dir = out_dir or weights.parent
-    rows, chosen = choose(model, loaders, crops or default_sizes(train_crop), ratio=train_crop / train_resize,
-                          device=device, out_dir=out_dir, train_crop=info.get("train_resolution"),
-                          title=f"FixRes: {weights.name}")
+    pairs = size_pairs(sizes or default_sizes(train_crop), train_crop / train_resize)
+    rows, chosen = choose(model, loaders, pairs, metric=metric, held_out=held_out, device=device, out_dir=out_dir,
+                          train_crop=info.get("train_resolution"), title=f"FixRes: {weights.name}")
     result = {"weights": str(weights), "best": chosen, "curve": rows, "csv": str(out_dir / CSV_NAME),
               "png": str(out_dir / PNG_NAME)}
     summary = weights.parent / "summary.json"

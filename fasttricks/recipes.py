@@ -268,16 +268,34 @@ class StageConfig(Strict):
 
 
 def _size_range(value: Any) -> Any:
-    """``"224:416:16"`` as [224, 240, ..., 416] (the stop is included)."""
+    """Test sizes as written on the command line or in a recipe: ``"224:416:16"`` (crops 224, 240,
+    ..., 416, the stop included, resized at the training ratio), ``"324/288"`` (resize/crop pairs),
+    or a comma-separated mix; a list of such items or of crops."""
     if isinstance(value, str):
-        try:
-            start, stop, step = (int(v) for v in value.split(":"))
-        except ValueError:
-            raise ValueError(f"sizes: expected START:STOP:STEP such as 224:416:16, not {value!r}") from None
-        if step <= 0 or stop < start:
-            raise ValueError(f"sizes {value!r}: need STEP > 0 and STOP >= START")
-        return list(range(start, stop + 1, step))
-    return value
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        return value
+    out: list[int | str] = []
+    for item in value:
+        if isinstance(item, str) and ":" in item:
+            try:
+                start, stop, step = (int(v) for v in item.split(":"))
+            except ValueError:
+                raise ValueError(f"sizes: expected START:STOP:STEP such as 224:416:16, not {item!r}") from None
+            if step <= 0 or stop < start:
+                raise ValueError(f"sizes {item!r}: need STEP > 0 and STOP >= START")
+            out += list(range(start, stop + 1, step))
+        elif isinstance(item, str) and "/" in item:
+            try:
+                resize, crop = (int(v) for v in item.split("/"))
+            except ValueError:
+                raise ValueError(f"sizes: expected RESIZE/CROP such as 324/288, not {item!r}") from None
+            if not 8 <= crop <= resize:
+                raise ValueError(f"sizes {item!r}: need 8 <= CROP <= RESIZE")
+            out.append(f"{resize}/{crop}")
+        else:
+            out.append(int(item))
+    return out
 
 
 class FixResFineTuneConfig(Strict):
@@ -294,9 +312,14 @@ class FixResConfig(Strict):
     the curve saved as fixres.csv / fixres.png, the best size used for the final evaluation and
     stored with the model."""
 
-    sizes: Annotated[list[int] | None, BeforeValidator(_size_range)] = Field(
-        None, min_length=1, description="test crops: a list or START:STOP:STEP (stop included); None: from "
-        "0.8x to 1.75x the training test crop (192:416:16 for 240)")
+    sizes: Annotated[list[int | str] | None, BeforeValidator(_size_range)] = Field(
+        None, min_length=1, description="test sizes: crops (resized at the training ratio) as a list or "
+        "START:STOP:STEP (stop included), and/or RESIZE/CROP pairs such as 324/288 (the 2022 entries'); None: "
+        "crops from 0.8x to 1.75x the training test crop (192:416:16 for 240)")
+    metric: Literal["val", "val_clutter"] = Field("val", description="the split whose top-1 picks the size")
+    held_out: bool = Field(True, description="pick on one half of each split (even-numbered images) and report "
+                           "the chosen size on the other half, so the reported figure is not the maximum of the "
+                           "curve it was picked from")
     finetune: FixResFineTuneConfig | None = Field(None, description="FixRes' classifier + BN fine-tuning; None: off")
 
 

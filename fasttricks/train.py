@@ -487,8 +487,9 @@ def _fixres(run: Run) -> dict:
     """Sweep the test size, write the curve, optionally fine-tune at the best size; the model's
     info then names that size (eval and export read it)."""
     cfg, data = run.recipe.fixres, run.recipe.data
-    _, chosen = fixres.choose(run.model, run.val_loaders, cfg.sizes or fixres.default_sizes(data.val_crop),
-                              ratio=data.val_crop / data.val_resize, device=run.device, out_dir=run.out,
+    sizes = fixres.size_pairs(cfg.sizes or fixres.default_sizes(data.val_crop), data.val_crop / data.val_resize)
+    _, chosen = fixres.choose(run.model, run.val_loaders, sizes, metric=cfg.metric, held_out=cfg.held_out,
+                              device=run.device, out_dir=run.out,
                               train_crop=run.info.get("train_resolution"), title=f"FixRes: {run.recipe.name}",
                               show_progress=run.show_progress and run.is_main, write=run.is_main)
     if cfg.finetune is not None:  # every rank, the same batches (a SyncBatchNorm then all-gathers on every rank)

@@ -30,10 +30,19 @@ def trained(toy_data, tmp_path_factory):
 
 
 def test_best_is_the_argmax_and_a_tie_goes_to_the_smaller_size():
-    rows = [{"crop": 32, "val_top1": 50.0}, {"crop": 40, "val_top1": 70.0}, {"crop": 48, "val_top1": 70.0},
-            {"crop": 56, "val_top1": 60.0}]
+    rows = [{"crop": c, "resize": c + 8, "val_top1": v} for c, v in ((32, 50.0), (40, 70.0), (48, 70.0), (56, 60.0))]
     assert fixres.best(rows)["crop"] == 40
     assert fixres.best(rows, "crop")["crop"] == 56
+    with pytest.raises(ValueError, match="val_clutter_top1"):
+        fixres.best(rows, "val_clutter_top1")
+
+
+def test_sizes_take_crops_ranges_and_resize_crop_pairs():
+    from fasttricks.recipes import FixResConfig
+
+    sizes = FixResConfig(sizes="32:48:8,324/288").sizes
+    assert sizes == [32, 40, 48, "324/288"]
+    assert fixres.size_pairs(sizes, 40 / 48) == [(38, 32), (48, 40), (58, 48), (324, 288)]
 
 
 def test_fixres_command_writes_the_curve_and_records_the_best_size_for_eval(trained, toy_data):
@@ -47,10 +56,12 @@ def test_fixres_command_writes_the_curve_and_records_the_best_size_for_eval(trai
     assert [int(r["crop"]) for r in rows] == [32, 40, 48, 56]
     assert [int(r["resize"]) for r in rows] == [round(c * 48 / 40) for c in (32, 40, 48, 56)]  # training ratio
     top1 = [float(r["val_top1"]) for r in rows]
-    chosen = rows[top1.index(max(top1))]
+    chosen = rows[top1.index(max(top1))]  # the curve is the even half's; the choice its argmax
     assert (trained / "fixres.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["test_crop"] == int(chosen["crop"]) == summary["fixres"]["crop"]
+    assert summary["fixres"]["chosen_on"] == "even half" and summary["fixres"]["metric"] == "val"
+    held_out = summary["fixres"]["held_out"]["val_top1"]  # the chosen size measured on the other half
     info = read_info(weights)
     assert (info["val_crop"], info["val_resize"]) == (int(chosen["crop"]), int(chosen["resize"]))
     assert (info["train_val_crop"], info["train_val_resize"]) == (40, 48)
@@ -59,7 +70,22 @@ def test_fixres_command_writes_the_curve_and_records_the_best_size_for_eval(trai
     assert report.exit_code == 0, report.output
     measured = json.loads(report.output.strip().splitlines()[-1])
     assert measured["crop"] == int(chosen["crop"])
-    assert measured["val"]["top1"] == pytest.approx(float(chosen["val_top1"]))
+    # the whole split (50 + 50 images) is the mean of the two halves at that size
+    assert measured["val"]["top1"] == pytest.approx((float(chosen["val_top1"]) + held_out) / 2)
+
+
+def test_fixres_sweeps_given_pairs_and_picks_by_the_named_metric(trained, toy_data, tmp_path):
+    result = CliRunner().invoke(app, ["fixres", str(trained / "final.safetensors"), "--data", str(toy_data),
+                                      "--sizes", "48/40,56/48,64/48", "--metric", "val_clutter", "--no-held-out",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "fixres.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["resize"]), int(r["crop"])) for r in rows] == [(48, 40), (56, 48), (64, 48)]
+    clutter = [float(r["val_clutter_top1"]) for r in rows]
+    assert "by val_clutter" in result.output
+    best = rows[clutter.index(max(clutter))]
+    assert f"resize {best['resize']} / crop {best['crop']} by val_clutter" in " ".join(result.output.split())
 
 
 def test_bad_sizes_are_refused_naming_the_option(trained, toy_data):

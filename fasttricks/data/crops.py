@@ -194,5 +194,6 @@ class CentreCropDecoder(SeededRandomResizedCropFlip):
         if not 0 < crop <= resize:
             raise ValueError(f"the validation crop ({crop}) must be positive and at most the resize ({resize})")
         self.centre_ratio = crop / resize
+        self.resize, self.crop = resize, crop
         self.output_size = (crop, crop)
         self.state[2], self.state[3] = crop, resize

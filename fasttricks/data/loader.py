@@ -150,10 +150,13 @@ class ValLoader:
     pipeline on its first pass, about a second each, which a FixRes sweep would pay per size."""
 
     def __init__(self, beton: str | os.PathLike, *, batch_size: int, resize: int, crop: int,
-                 device: torch.device, workers: int = 0, distributed: bool = False):
+                 device: torch.device, workers: int = 0, distributed: bool = False,
+                 indices: np.ndarray | None = None):
+        self.beton = Path(beton)
+        self._args = dict(batch_size=batch_size, device=device, workers=workers, distributed=distributed)
         self.decoder = CentreCropDecoder(resize, crop)  # checks the size
         self.loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or default_workers(),
-                             order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed,
+                             order=OrderOption.SEQUENTIAL, drop_last=False, distributed=distributed, indices=indices,
                              pipelines={"image": [self.decoder, *_to_device(device)],
                                         "label": [IntDecoder(), ToTensor(), Squeeze(), *_to_device(device, False)]})
         if distributed:  # FFCV's own pads the shards (DistributedSampler), counting some images twice
@@ -162,6 +165,10 @@ class ValLoader:
 
     def set_size(self, resize: int, crop: int) -> None:
         self.decoder.set_size(resize, crop)
+
+    def subset(self, indices: np.ndarray) -> ValLoader:
+        """A loader of the same split and settings over ``indices`` only (FixRes' held-out halves)."""
+        return ValLoader(self.beton, resize=self.decoder.resize, crop=self.decoder.crop, indices=indices, **self._args)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
