@@ -169,12 +169,16 @@ def test_cli_reports_errors_in_one_line_with_nonzero_exit(tmp_path):
     assert "does not exist" in result.output and "Traceback" not in result.output
 
 
-def test_cli_builds_with_jpeg_options(tmp_path):
+def _cli_build(tmp_path, *options):
+    """build-beton from the command line on nine 32x32 images: (CLI result, manifest)."""
     _folder(tmp_path / "src", size=(32, 32))
-    result = CliRunner().invoke(app, ["build-beton", str(tmp_path / "src"), str(tmp_path / "o.beton"),
-                                      "--write-mode", "jpg", "--jpeg-quality", "80", "--workers", "1"])
+    result = CliRunner().invoke(app, ["build-beton", str(tmp_path / "src"), str(tmp_path / "o.beton"), *options])
     assert result.exit_code == 0, result.output
-    manifest = json.loads((tmp_path / "o.beton.json").read_text())
+    return result, json.loads((tmp_path / "o.beton.json").read_text())
+
+
+def test_cli_builds_with_jpeg_options(tmp_path):
+    _, manifest = _cli_build(tmp_path, "--write-mode", "jpg", "--jpeg-quality", "80", "--workers", "1")
     assert manifest["images"] == 9 and manifest["options"]["jpeg_quality"] == 80
 
 
@@ -220,11 +224,7 @@ def test_smart_mode_stores_large_images_as_jpeg_and_small_ones_raw(tmp_path):
 
 
 def test_a_limited_build_extrapolates_the_size_of_the_whole_folder(tmp_path):
-    _folder(tmp_path / "src", size=(32, 32))
-    result = CliRunner().invoke(app, ["build-beton", str(tmp_path / "src"), str(tmp_path / "o.beton"),
-                                      "--write-mode", "raw", "--limit", "3", "--workers", "1"])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads((tmp_path / "o.beton.json").read_text())
+    result, manifest = _cli_build(tmp_path, "--write-mode", "raw", "--limit", "3", "--workers", "1")
     assert manifest["beton_bytes"] == (tmp_path / "o.beton").stat().st_size and manifest["source_images"] == 9
     assert "all 9 images at these settings: about" in result.output
 
