@@ -119,12 +119,12 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     classifier = _classifier_prefix(net)
     if classifier:
         dropped = [k for k in state if k.startswith(classifier + ".") and k in own and own[k].shape != state[k].shape]
-        for k in dropped:
-            shape = tuple(state.pop(k).shape)
         if dropped:
-            console.print(f"[yellow]{path}: its classifier ({shape[0]} outputs) does not fit this model's "
-                          f"{own[dropped[-1]].shape[0]} classes and is not loaded: the classifier starts from random "
-                          f"weights (fine-tuning to other classes)")
+            console.print(f"[yellow]{path}: its classifier ({state[dropped[0]].shape[0]} outputs) does not fit this "
+                          f"model's {own[dropped[0]].shape[0]} classes and is not loaded: the classifier starts from "
+                          f"random weights (fine-tuning to other classes)")
+        for k in dropped:
+            del state[k]
     missing = [k for k in own if k not in state and not (classifier and k.startswith(classifier + "."))]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state

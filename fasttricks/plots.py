@@ -19,7 +19,8 @@ CURVES_NAME = "curves.png"
 def curves(run: Path) -> dict[str, list[tuple[float, float]]]:
     """Per metric, (x, value) points: x counts epochs across the run's stages (a stage's averaged
     model sits at its stage's end). Robust top-1 is measured once, on the final model: one point."""
-    starts = _stage_starts(run)
+    recipe = saved_recipe(run)
+    starts = recipe.stage_starts()
     points: dict[str, list[tuple[float, float]]] = {}
     for row in read_metrics(run):
         x = starts[row["stage_index"]] + row["epoch"]
@@ -28,13 +29,8 @@ def curves(run: Path) -> dict[str, list[tuple[float, float]]]:
                 points.setdefault(key, []).append((x, row[key]))
     summary = run / "summary.json"
     if summary.is_file() and "val_robust_top1" in (s := json.loads(summary.read_text())):
-        points["val_robust_top1"] = [(float(sum(st.epochs for st in saved_recipe(run).stages)), s["val_robust_top1"])]
+        points["val_robust_top1"] = [(float(recipe.total_epochs()), s["val_robust_top1"])]
     return points
-
-
-def _stage_starts(run: Path) -> list[int]:
-    stages = saved_recipe(run).stages
-    return [sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
 
 
 def plot(runs: list[Path], out: Path) -> Path:
@@ -50,13 +46,14 @@ def plot(runs: list[Path], out: Path) -> Path:
         raise ValueError(f"no metrics to plot in {', '.join(map(str, runs))} (no metrics.jsonl rows yet)")
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
+    boundaries = saved_recipe(runs[0]).stage_starts()[1:]  # stage boundaries of the first run
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), dpi=110, squeeze=False, sharex=True)
     for ax, key in zip(axes.flat, keys, strict=False):
         for run, points in data.items():
             if key in points:
                 xs, ys = zip(*points[key], strict=True)
                 ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", markersize=3, label=run.name)
-        for start in _stage_starts(runs[0])[1:]:  # stage boundaries of the first run
+        for start in boundaries:
             ax.axvline(start, color="gray", linestyle=":", linewidth=1)
         ax.set(title=PANELS[key], xlabel="epoch (all stages)")
         ax.tick_params(labelbottom=True)  # shared x, but every panel keeps its numbers

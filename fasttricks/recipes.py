@@ -365,6 +365,13 @@ class Recipe(Strict):
                                      "recipe run on the toy set on a CPU in minutes; `train --data toy` applies it "
                                      "when no --override is given. None: overrides/toy.yaml")
 
+    def stage_starts(self) -> list[int]:
+        """Epochs of the whole run before each stage (the x of its first epoch is this plus one)."""
+        return [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages))]
+
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
 
 # ---------------------------------------------------------------------------------------------
 # Loading

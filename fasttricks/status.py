@@ -27,13 +27,17 @@ def writer_pid(run: Path) -> int | None:
     return None  # a lock file left by a killed run
 
 
-def epoch_seconds(rows: list[dict]) -> dict[tuple[int, int], float]:
-    """Measured seconds per epoch by (stage, resolution): the mean over that stage's epochs."""
+def epoch_times(rows: list[dict]) -> dict[tuple[int, int], list[float]]:
+    """The measured seconds of each epoch, by (stage, resolution)."""
     seen: dict[tuple[int, int], list[float]] = {}
     for r in rows:
         if "averaged" not in r and "seconds" in r:
             seen.setdefault((r["stage_index"], r["resolution"]), []).append(r["seconds"])
-    return {k: sum(v) / len(v) for k, v in seen.items()}
+    return seen
+
+
+def mean_times(times: dict[tuple[int, int], list[float]]) -> dict[tuple[int, int], float]:
+    return {k: sum(v) / len(v) for k, v in times.items()}
 
 
 def _estimate(measured: dict[tuple[int, int], float], stage: int, res: int) -> float | None:
@@ -71,7 +75,7 @@ def run_status(run: Path) -> dict:
     rows = read_metrics(run)
     found = list_checkpoints(run)
     position = found[-1][0] if found else Position(0, 0)
-    remaining, unknown = remaining_seconds(recipe, epoch_seconds(rows), position.stage, position.epoch,
+    remaining, unknown = remaining_seconds(recipe, mean_times(epoch_times(rows)), position.stage, position.epoch,
                                            position.step / _steps(rows, position.stage))
     finished = (run / "summary.json").is_file()
     last = next((r for r in reversed(rows) if any(k.endswith("_top1") for k in r)), {})
@@ -103,8 +107,6 @@ def format_duration(seconds: float | None) -> str:
 
 def describe(status: dict) -> list[str]:
     """The status as lines for the terminal."""
-    hours = format_duration
-
     state = ("finished" if status["finished"] else
              f"running (pid {status['writer_pid']})" if status["writer_pid"] else "stopped (no process writes it)")
     lines = [f"{status['run']}: {status['recipe']}, {state}",
@@ -112,7 +114,8 @@ def describe(status: dict) -> list[str]:
              + (f", step {status['step']}" if status["step"] else "")
              + (f" · {status['images_per_s']:.0f} img/s" if status["images_per_s"] else "")]
     if not status["finished"]:
-        lines.append(f"  ETA: stage {hours(status['eta_stage_s'])}, run {hours(status['eta_run_s'])}"
+        lines.append(f"  ETA: stage {format_duration(status['eta_stage_s'])}, "
+                     f"run {format_duration(status['eta_run_s'])}"
                      + (f" (not measured yet: {', '.join(status['not_measured_yet'])})"
                         if status["not_measured_yet"] else ""))
     if status["last_metrics"]:

@@ -26,8 +26,7 @@ from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
 from fasttricks.augment.mixing import mix
 from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
 from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, read_info, save_checkpoint, save_weights
-from fasttricks.data.beton import read_manifest
-from fasttricks.data.classes import data_classes
+from fasttricks.data.classes import checked_manifests
 from fasttricks.data.loader import TrainLoader, beton_paths
 from fasttricks.devices import autocast, default_device
 from fasttricks.distributed import dist_info
@@ -36,7 +35,7 @@ from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import OptimizerConfig, Recipe, RecipeError, StageConfig
 from fasttricks.schedules import lr_factor, resolution_at
-from fasttricks.status import epoch_seconds, format_duration, remaining_seconds
+from fasttricks.status import epoch_times, format_duration, mean_times, remaining_seconds
 from fasttricks.syncguard import no_host_sync
 from fasttricks.tracking import Tracker
 
@@ -134,8 +133,9 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     out, device = Path(out), device or default_device()
     rank, world = dist_info()
     paths = beton_paths(data_dir)
-    classes = data_classes(data_dir)
-    _check_batch_sizes(recipe, read_manifest(paths["train"])["images"], world)
+    train_manifest = checked_manifests(data_dir)["train"]
+    classes = train_manifest["classes"]
+    _check_batch_sizes(recipe, train_manifest["images"], world)
     if resume and rank == 0:
         runs.check_resumable(out)
     with runs.lock(out) if rank == 0 else nullcontext():
@@ -163,14 +163,14 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
     loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
                           batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
                           distributed=world > 1)  # every rank evaluates its shard
-    starts = [sum(s.epochs for s in recipe.stages[:i]) for i in range(len(recipe.stages))]
+    starts = recipe.stage_starts()
     tracker = Tracker(recipe.logging, out, recipe.model_dump(mode="json"), enabled=rank == 0)
     with _InterruptFlag() as interrupt, closing(tracker):
         train_model = torch.compile(model) if recipe.model.compile else model
         run = Run(recipe, out, device, model, train_model, info, loaders, paths["train"],
                   rank == 0, show_progress, interrupt, starts, tracker=tracker)
         position, state = _restore(run) if resume else (Position(0, 0), None)
-        run.epoch_times = {k: [v] for k, v in epoch_seconds(runs.read_metrics(out)).items()}  # for the run ETA
+        run.epoch_times = epoch_times(runs.read_metrics(out))  # the epochs so far, for the run ETA
         started = time.time()
         done_now = 0
         for s, stage in enumerate(recipe.stages):
@@ -380,7 +380,7 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
 def _run_eta(run: Run, s: int, epoch: int, res: int, part_done: float, elapsed: float) -> str:
     """The whole run's remaining time: the recipe's remaining epochs at their resolutions, each at
     the measured time of its stage and resolution (this epoch's rate where none is measured yet)."""
-    measured = {k: sum(v) / len(v) for k, v in run.epoch_times.items()}
+    measured = mean_times(run.epoch_times)
     measured.setdefault((s, res), elapsed / max(part_done, 1e-9))
     left, unknown = remaining_seconds(run.recipe, measured, s, epoch, part_done)
     return f"{format_duration(sum(left))}" + (f" + {', '.join(unknown)}" if unknown else "")
@@ -462,7 +462,7 @@ def _finish(run: Run, seconds: float) -> dict:
     last = run.last_row or _final_metrics(run)  # (read back when this call trained nothing)
     data = run.recipe.data
     summary = {"run": str(run.out.resolve()), "recipe": run.recipe.name, "model": run.recipe.model.arch,
-               "epochs": sum(s.epochs for s in run.recipe.stages),
+               "epochs": run.recipe.total_epochs(),
                "final_weights": str((run.out / "final.safetensors").resolve()),
                "val_resize": data.val_resize, "val_crop": data.val_crop,
                "test_resize": data.val_resize, "test_crop": data.val_crop,

@@ -28,7 +28,6 @@ from fasttricks.models import WeightsError, weights_file
 PLUGIN_MODEL = Path(__file__).with_name("plugin_model.py")
 WEIGHTS_NAME = "weights.safetensors"
 REGIONS = ("V1", "V2", "V4", "IT")
-# what model.py imports; the versions of this environment (the one that trained) are pinned
 # What the plugin's model.py imports, as Brain-Score plugins list it: names, with a bound only where
 # a feature needs one (timm's registry names, numpy<2 as brainscore_vision itself). Exact pins of
 # this machine's builds would make Brain-Score reinstall torch, or fail; the versions the model was

@@ -33,20 +33,26 @@ def _names(names: list[str], limit: int = 8) -> str:
     return f"{len(names)} class(es): {shown}" + (" ..." if len(names) > limit else "")
 
 
-def data_classes(data_dir: str | os.PathLike) -> list[str]:
-    """The train split's class list, after checking that every other split's beton uses the same."""
+def checked_manifests(data_dir: str | os.PathLike) -> dict[str, dict]:
+    """Each split's manifest, read once, after checking that every beton is whole and that every
+    split uses the train split's class list."""
     from fasttricks.data.loader import beton_paths
 
     paths = beton_paths(data_dir)
-    classes = check_beton(paths["train"])["classes"]
-    for path in paths.values():
-        other = check_beton(path)["classes"]
-        if other != classes:
+    manifests = {split: check_beton(path) for split, path in paths.items()}
+    classes = manifests["train"]["classes"]
+    for split, manifest in manifests.items():
+        if manifest["classes"] != classes:
             raise ClassListError(
-                f"{Path(data_dir)}: {path.name} does not use train.beton's class ids: it "
-                f"{_difference(classes, other)}. "
-                f"Rebuild it with `fasttricks build-beton SRC {path} --classes-from {paths['train']} --overwrite`")
-    return classes
+                f"{Path(data_dir)}: {paths[split].name} does not use train.beton's class ids: it "
+                f"{_difference(classes, manifest['classes'])}. Rebuild it with `fasttricks build-beton SRC "
+                f"{paths[split]} --classes-from {paths['train']} --overwrite`")
+    return manifests
+
+
+def data_classes(data_dir: str | os.PathLike) -> list[str]:
+    """The train split's class list, after the checks of ``checked_manifests``."""
+    return checked_manifests(data_dir)["train"]["classes"]
 
 
 def check_model_classes(model_classes: list[str], weights: str | os.PathLike, data: list[str],
