@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fasttricks-installed
 APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup system-deps lint
+.PHONY: demo test setup system-deps lint gpu-bundle bench-gpu
 
 demo: $(STAMP)
 	$(VENV)/bin/fasttricks train --recipe winner --data toy --override pipelines/overrides/toy-winner.yaml \
@@ -20,6 +20,14 @@ setup: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fasttricks tests benchmarks
+
+# Every GPU figure: `make gpu-bundle` here (wheels a bare GPU machine lacks, into .gpu-bundle/),
+# then `make bench-gpu` on the GPU machine, with .gpu-bundle/ carried along (benchmarks/gpu_suite.py).
+gpu-bundle:
+	bash benchmarks/gpu_bundle.sh .gpu-bundle
+
+bench-gpu:
+	python3 benchmarks/gpu_suite.py $(if $(wildcard .gpu-bundle/*.whl),--bundle .gpu-bundle)
 
 # FFCV compiles its C extension against libturbojpeg and OpenCV found through pkg-config.
 system-deps:

@@ -3,7 +3,8 @@ torch ops on the whole batch) against the usual way (albumentations per sample i
 worker processes on the CPU, as the paper did), on the same images, in one run.
 
 Method: uint8 images at --res in memory. Ours: the float batch already on the device, augment +
-mix, --repeats timed batches after a warm-up, device synchronised, median. Albumentations: a
+mix, --repeats timed batches after a warm-up, device synchronised, median; eager, and compiled into
+one graph (--compile, default on CUDA, as training runs it there). Albumentations: a
 DataLoader with --workers processes applying the equivalent Compose per image (its 2.x API,
 albumentations 1.x's defaults where they differ) and collating the batch; median of --repeats
 epochs of --batches batches. On CUDA also the cost of one PGD-3 EfficientNet-B1 training step at
@@ -72,6 +73,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--batches", type=int, default=8 if cuda else 4, help="batches per albumentations epoch")
     p.add_argument("--repeats", type=int, default=5 if cuda else 3)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
+                   help="also time the augmentation compiled (torch.compile, one graph); default on CUDA")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
@@ -93,6 +96,17 @@ def main() -> None:
 
     ours()
     batched = statistics.median(timed(ours, device) for _ in range(args.repeats))
+    compiled_rate = None
+    if args.compile:  # as train runs it on CUDA: the augmentation one compiled graph
+        compiled = torch.compile(augment, fullgraph=True)
+
+        def ours_compiled(step=itertools.count()):
+            with seeded(next(step), device):
+                mix(compiled(batch), labels, 10, FCUTMIX)
+            return args.batch_size
+
+        ours_compiled()
+        compiled_rate = statistics.median(timed(ours_compiled, device) for _ in range(args.repeats))
 
     # albumentations, per sample in worker processes
     loader = torch.utils.data.DataLoader(_Images(images), batch_size=args.batch_size, num_workers=args.workers,
@@ -110,6 +124,7 @@ def main() -> None:
                           "albumentations per sample in CPU workers",
               "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "images_per_s_batched_on_device": round(batched, 1),
+              "images_per_s_batched_compiled": compiled_rate and round(compiled_rate, 1),
               "images_per_s_albumentations_cpu_workers": round(per_sample, 1),
               "ratio": round(batched / per_sample, 2), "machine": machine(device)}
     result["per_op_ms_per_batch"] = _per_op(batch, device, args.repeats)

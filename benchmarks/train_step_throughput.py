@@ -1,15 +1,27 @@
-"""How busy does the input pipeline keep the device during (adversarial) training? Images/s of
-training steps with 0, 1, 3 and 7 PGD steps, (a) fed by the real FFCV loader + heavy augmentation
-and Foreground-CutMix on the device (--no-augment: loader only) and (b) on one synthetic batch
-already on the device, in one run. (a)/(b) is the saturation: 1.0 means the whole input pipeline
-is free.
+"""Training-step speed: how busy the input pipeline keeps the device, what torch.compile buys the
+PGD step, the winner's behaviour stage as it runs, and the winner recipe's projected wall-clock on
+ImageNet. All figures in one process, each a ratio against a baseline measured beside it.
 
-Method: per PGD setting, a warm-up (compilation, cudnn autotuning), then --steps timed steps
-each way, the device synchronised inside the timed region. Defaults: EfficientNet-B1 at 240 on
-CUDA; timm's tiny test_efficientnet at 64 on the CPU (where the figures only show that it runs).
+Rows (``--rows``, comma-separated):
+- ``pgd``: k = --pgd-steps PGD steps, (a) fed by the real FFCV loader + heavy augmentation and
+  Foreground-CutMix on the device (--no-augment: loader only) against (b) one synthetic batch
+  already on the device. (a)/(b) is the saturation: 1.0 means the input pipeline is free.
+- ``compile``: PGD-3 on the synthetic batch, eager against torch.compile.
+- ``behaviour``: the winner recipe's second stage as it runs (first half frozen, Adam, heavy
+  augmentation + Foreground-CutMix, its resolution and batch, bf16 autocast on CUDA): fed +
+  augmented against the same step on a synthetic batch.
+- ``projection``: images/s of the winner's first stage at each resolution of its ramp (PGD-3,
+  synthetic batch, times the ``pgd`` row's saturation when measured), the behaviour row's fed
+  rate, and from them the hours of ``train --recipe winner`` on ImageNet's 1,281,167 images.
+  Training steps only: evaluation, averaging and the FixRes sweep are left out.
+
+Method: per setting a warm-up (compilation, cudnn autotuning), then --steps timed steps, the
+device synchronised inside the timed region. Defaults: EfficientNet-B1 on CUDA with the model
+compiled (as ``model.compile`` does there); timm's tiny test_efficientnet at 64 px on the CPU,
+eager (the figures there only show that it runs).
 
     python benchmarks/train_step_throughput.py
-    python benchmarks/train_step_throughput.py --arch efficientnet_b1 --res 240 --batch-size 192
+    python benchmarks/train_step_throughput.py --rows compile,behaviour --steps 20
 """
 
 from __future__ import annotations
@@ -26,86 +38,212 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fasttricks import freezing
 from fasttricks.augment.heavy import HeavyAugmentation, seeded
 from fasttricks.data.beton import BetonOptions, build_beton
 from fasttricks.data.loader import TrainLoader
+from fasttricks.devices import compile_enabled
 from fasttricks.models import create_model
-from fasttricks.recipes import AdversarialConfig, AugmentConfig, MixingConfig, ModelConfig, OptimizerConfig, StageConfig
+from fasttricks.recipes import AdversarialConfig, ModelConfig, OptimizerConfig, StageConfig, load_recipe
+from fasttricks.schedules import resolution_at
 from fasttricks.train import augment_and_mix, create_optimizer, training_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag, make_jpeg_folder, timed  # noqa: E402
 
+IMAGENET_TRAIN = 1_281_167
+ROWS = ("pgd", "compile", "behaviour", "projection")
+
+
+def parse_args(cuda: bool) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=",".join(ROWS), help=f"which rows, of {', '.join(ROWS)}")
+    p.add_argument("--arch", default="efficientnet_b1" if cuda else "test_efficientnet")
+    p.add_argument("--res", type=int, default=240 if cuda else 64, help="resolution of the pgd and compile rows")
+    p.add_argument("--batch-size", type=int, default=256 if cuda else 32, help="of the pgd and compile rows")
+    p.add_argument("--pgd-steps", default="0,1,3,7")
+    p.add_argument("--steps", type=int, default=30 if cuda else 6, help="timed steps per setting and path")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="heavy augmentation + Foreground-CutMix in the fed path of the pgd rows")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the model in the pgd, behaviour and projection rows; auto: on CUDA")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    return args
+
+
+class Bench:
+    """The model, the data and the timing shared by the rows."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, tmp: Path):
+        self.args, self.device, self.tmp = args, device, tmp
+        torch.manual_seed(0)
+        self.model = create_model(ModelConfig(arch=args.arch), 1000).to(device).to(memory_format=torch.channels_last)
+        self.compile = compile_enabled({"auto": None, "on": True, "off": False}[args.compile], device)
+        self.compiled = torch.compile(self.model) if self.compile else self.model
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+        self.betons: dict[int, Path] = {}
+        self.epoch = 0
+
+    def heavy(self, cfg) -> nn.Module:
+        """The heavy augmentation, compiled when the model is (as train does)."""
+        augment = HeavyAugmentation(cfg).to(self.device)
+        return torch.compile(augment, fullgraph=True) if self.compile else augment
+
+    def synthetic(self, batch: int, res: int):
+        return (torch.rand(batch, 3, res, res, device=self.device).contiguous(memory_format=torch.channels_last),
+                torch.randint(0, 1000, (batch,), device=self.device))
+
+    def loader(self, batch: int, res: int) -> TrainLoader:
+        """A beton of photo-like JPEGs stored at 1.2x ``res``, enough for one timed pass."""
+        n = batch * (self.args.steps + 6)
+        if res not in self.betons:
+            t = time.perf_counter()
+            folder = make_jpeg_folder(self.tmp / f"images{res}", n, int(res * 1.2))
+            self.betons[res] = self.tmp / f"train{res}.beton"
+            build_beton(folder, self.betons[res], BetonOptions(write_mode="jpg", workers=self.args.workers),
+                        show_progress=False)
+            print(f"prepared {n} images at {int(res * 1.2)} px in {time.perf_counter() - t:.0f} s", flush=True)
+        return TrainLoader(self.betons[res], batch_size=batch, resolution=res, seed=0, device=self.device,
+                           workers=self.args.workers)
+
+    def rate(self, model, stage: StageConfig, batches, *, tricks: StageConfig | None = None,
+             heavy: nn.Module | None = None, optimizer=None, warmup: int = 3) -> float:
+        """Images/s of ``--steps`` training steps on ``batches`` after ``warmup`` untimed ones."""
+        optimizer = optimizer or create_optimizer(self.model, stage.optimizer)
+
+        def run(n: int) -> int:
+            seen = 0
+            for step, (images, labels) in enumerate(itertools.islice(batches, n)):
+                targets = labels
+                if tricks is not None:
+                    with seeded(step, self.device):
+                        images, targets = augment_and_mix(images, labels, tricks, heavy, 1000)
+                training_step(model, images, targets, optimizer, self.criterion, stage, attack_model=model)
+                seen += labels.shape[0]
+            return seen
+
+        run(warmup)
+        return timed(lambda: run(self.args.steps), self.device)
+
+    def fed(self, batch: int, res: int):
+        self.epoch += 1
+        return self.loader(batch, res).epoch(self.epoch, res)
+
+
+def pgd_stage(k: int) -> StageConfig:
+    adv = AdversarialConfig(norm="linf", eps=8 / 255, step_size=2.5 * 8 / 255 / max(k, 1), steps=k) if k else None
+    return StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.01), adversarial=adv)
+
+
+def pgd_rows(b: Bench) -> list[dict]:
+    a, rows = b.args, []
+    winner = load_recipe("winner").stages[1]
+    tricks = StageConfig(augment=winner.augment, mixing=winner.mixing)
+    heavy = b.heavy(tricks.augment) if a.augment else None
+    for k in map(int, a.pgd_steps.split(",")):
+        stage = pgd_stage(k)
+        synth = b.rate(b.compiled, stage, itertools.repeat(b.synthetic(a.batch_size, a.res)))
+        fed = b.rate(b.compiled, stage, b.fed(a.batch_size, a.res), tricks=tricks if a.augment else None, heavy=heavy)
+        rows.append({"row": "pgd", "pgd_steps": k, "compiled": b.compile, "images_per_s_loader_fed": round(fed, 1),
+                     "images_per_s_synthetic": round(synth, 1), "saturation": round(fed / synth, 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def compile_row(b: Bench) -> dict:
+    a = b.args
+    batch = itertools.repeat(b.synthetic(a.batch_size, a.res))
+    compiled = b.compiled if b.compile else torch.compile(b.model)
+    eager = b.rate(b.model, pgd_stage(3), batch)
+    fast = b.rate(compiled, pgd_stage(3), batch)
+    row = {"row": "compile", "pgd_steps": 3, "res": a.res, "images_per_s_eager": round(eager, 1),
+           "images_per_s_compiled": round(fast, 1), "speed-up": round(fast / eager, 3)}
+    print(row, flush=True)
+    return row
+
+
+def behaviour_row(b: Bench) -> dict:
+    """Freezes the shared model's first half: run it last."""
+    stage = load_recipe("winner").stages[1]
+    res, batch = resolution_at(stage.resolution, 0), stage.batch_size if b.device.type == "cuda" else b.args.batch_size
+    freezing.freeze(b.model.net, freezing.resolve(b.model.net, stage.freeze))
+    heavy = b.heavy(stage.augment)
+    optimizer = create_optimizer(b.model, stage.optimizer)
+    synth = b.rate(b.compiled, stage, itertools.repeat(b.synthetic(batch, res)), optimizer=optimizer)
+    fed = b.rate(b.compiled, stage, b.fed(batch, res), tricks=stage, heavy=heavy, optimizer=optimizer)
+    row = {"row": "behaviour", "res": res, "batch_size": batch, "compiled": b.compile,
+           "frozen_modules": len(freezing.resolve(b.model.net, stage.freeze)), "optimizer": stage.optimizer.name,
+           "images_per_s_synthetic_no_augmentation": round(synth, 1),
+           "images_per_s_loader_fed_augmented": round(fed, 1), "saturation": round(fed / synth, 3)}
+    print(row, flush=True)
+    return row
+
+
+def stage1_rates(b: Bench, rows: list[dict]) -> dict:
+    """Images/s of the winner's first stage at each resolution of its ramp (synthetic batch, times
+    the pgd row's saturation at its PGD steps when that row ran). Before the behaviour row freezes
+    the model."""
+    robust = load_recipe("winner").stages[0]
+    pgd = next((r for r in rows if r.get("row") == "pgd" and r["pgd_steps"] == robust.adversarial.steps), None)
+    saturation = pgd["saturation"] if pgd else 1.0
+    batch_size = robust.batch_size if b.device.type == "cuda" else b.args.batch_size
+    rates = {}
+    for res in sorted({resolution_at(robust.resolution, e) for e in range(robust.epochs)}):
+        rates[res] = round(b.rate(b.compiled, robust, itertools.repeat(b.synthetic(batch_size, res))) * saturation, 1)
+        print(f"  winner stage 1 at {res} px: {rates[res]:.0f} img/s", flush=True)
+    return {"rates": rates, "saturation": saturation}
+
+
+def projection_row(stage1: dict, behaviour: dict, compiled: bool) -> dict:
+    """Hours of the winner recipe's training steps on ImageNet."""
+    robust, stage2 = load_recipe("winner").stages
+    rates, stage2_rate = stage1["rates"], behaviour["images_per_s_loader_fed_augmented"]
+    seconds = sum(IMAGENET_TRAIN / rates[resolution_at(robust.resolution, e)] for e in range(robust.epochs))
+    seconds += stage2.epochs * IMAGENET_TRAIN / stage2_rate
+    row = {"row": "projection", "images": IMAGENET_TRAIN, "compiled": compiled,
+           "stage1_images_per_s_by_res": rates, "stage1_saturation_applied": stage1["saturation"],
+           "stage2_images_per_s": stage2_rate, "hours": round(seconds / 3600, 2),
+           "excluded": "evaluation, averaging (BN recalibration) and the FixRes sweep"}
+    print(row, flush=True)
+    return row
+
 
 def main() -> None:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="efficientnet_b1" if cuda else "test_efficientnet")
-    p.add_argument("--res", type=int, default=240 if cuda else 64)
-    p.add_argument("--batch-size", type=int, default=192 if cuda else 32)
-    p.add_argument("--pgd-steps", default="0,1,3,7")
-    p.add_argument("--steps", type=int, default=30 if cuda else 8, help="timed steps per setting and path")
-    p.add_argument("--images", type=int, default=None, help="images in the beton (default: enough for --steps)")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="heavy augmentation + Foreground-CutMix in the fed path")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
+    args = parse_args(cuda)
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.backends.cudnn.benchmark = True
-
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(arch=args.arch), 1000).to(device).to(memory_format=torch.channels_last)
-    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    synthetic = (torch.rand(args.batch_size, 3, args.res, args.res, device=device)
-                 .contiguous(memory_format=torch.channels_last),
-                 torch.randint(0, 1000, (args.batch_size,), device=device))
-    n_images = args.images or args.batch_size * (args.steps + 6)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="fasttricks-bench-") as tmp:
-        tmp = Path(tmp)
-        t = time.perf_counter()
-        folder = make_jpeg_folder(tmp / "images", n_images, int(args.res * 1.2))
-        build_beton(folder, tmp / "train.beton", BetonOptions(write_mode="jpg", workers=args.workers),
-                    show_progress=False)
-        print(f"prepared {n_images} images in {time.perf_counter() - t:.0f} s")
-        loader = TrainLoader(tmp / "train.beton", batch_size=args.batch_size, resolution=args.res, seed=0,
-                             device=device, workers=args.workers)
-        tricks = StageConfig(augment=AugmentConfig(), mixing=MixingConfig(kind="foreground_cutmix", p=0.5))
-        heavy = HeavyAugmentation(tricks.augment).to(device)
-        for k in map(int, args.pgd_steps.split(",")):
-            adv = (AdversarialConfig(norm="linf", eps=8 / 255, step_size=2.5 * 8 / 255 / max(k, 1), steps=k)
-                   if k else None)
-            stage = StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.01), adversarial=adv)
-            optimizer = create_optimizer(model, stage.optimizer)
-
-            def run(batches, n, optimizer=optimizer, stage=stage, augment=False):
-                for step, (images, labels) in enumerate(itertools.islice(batches, n)):
-                    targets = labels
-                    if augment:
-                        with seeded(step, device):
-                            images, targets = augment_and_mix(images, labels, tricks, heavy, 1000)
-                    training_step(model, images, targets, optimizer, criterion, stage)
-                return n * args.batch_size
-
-            run(itertools.repeat(synthetic), 3)  # warm-up
-            fed_batches = loader.epoch(k, args.res)
-            run(fed_batches, 3, augment=args.augment)
-            fed = timed(lambda b=fed_batches: run(b, args.steps, augment=args.augment), device)
-            synth = timed(lambda: run(itertools.repeat(synthetic), args.steps), device)
-            row = {"pgd_steps": k, "images_per_s_loader_fed": round(fed, 1),
-                   "images_per_s_synthetic": round(synth, 1), "saturation": round(fed / synth, 3)}
-            results.append(row)
-            print(row, flush=True)
-
-    report = {"question": "images/s of training steps with k PGD steps, loader-fed (+ GPU augmentation) vs "
-                          "synthetic batch",
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results,
-              "machine": machine(device)}
+    wanted = args.rows.split(",")
     out = args.out or RESULTS / f"train_step_throughput-{machine_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    rows: list[dict] = []
+
+    def save(row: dict | list[dict]) -> None:
+        """After every row: a run stopped at a time limit keeps what it measured."""
+        rows.extend(row if isinstance(row, list) else [row])
+        report = {"question": "training-step images/s: loader-fed vs synthetic, eager vs compiled, the winner's "
+                              "behaviour stage, and the winner recipe projected onto ImageNet",
+                  "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": rows,
+                  "machine": machine(device)}
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="fasttricks-bench-") as tmp:
+        b = Bench(args, device, Path(tmp))
+        if "compile" in wanted:
+            save(compile_row(b))
+        if "pgd" in wanted:
+            save(pgd_rows(b))
+        stage1 = stage1_rates(b, rows) if "projection" in wanted else None
+        if "behaviour" in wanted or stage1 is not None:
+            save(behaviour_row(b))  # last but the projection: it freezes the shared model
+        if stage1 is not None:
+            save(projection_row(stage1, rows[-1], b.compile))
     print(f"wrote {out}")
 
 

@@ -6,15 +6,17 @@ subclass its steps only where they cannot serve us: its L2 step takes norms with
 ε, a recompile trigger under ``torch.compile``), and both random starts draw from the global RNG
 (ours take a generator, so the start is a function of the run's seed and step).
 
-The loop: gradients for the input only (``torch.autograd.grad``: nothing is accumulated in the
-weights' ``.grad``), the model in eval mode by default (dropout and drop-path off, batch-norm
+The loop: gradients for the input only. ``torch.autograd.grad`` alone keeps the weights' ``.grad``
+untouched, but a compiled backward graph would still compute every weight gradient and throw
+them away, so the weights stop requiring gradients during the attack (one more compiled graph per
+resolution, then none). The model in eval mode by default (dropout and drop-path off, batch-norm
 statistics untouched), bf16 autocast on CUDA, ε and step size as device tensors, no host sync.
 The last iterate is returned (robustness' ``use_best`` bookkeeping costs a forward per step).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +75,30 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: Adve
     was_training = model.training
     if cfg.eval_mode:
         model.eval()
-    eps = torch.tensor(cfg.eps, device=images.device, dtype=images.dtype)
-    step_size = torch.tensor(cfg.step_size, device=images.device, dtype=images.dtype)
+    with input_gradients_only(model):
+        x = _attack(model, images, targets, cfg, generator, use_autocast)
+    model.train(was_training)
+    return x
+
+
+@contextmanager
+def input_gradients_only(model: nn.Module):
+    """The weights stop requiring gradients inside the block (frozen ones stay frozen after it)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _attack(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: AdversarialConfig,
+            generator: torch.Generator | None, use_autocast: bool) -> torch.Tensor:
+    # fills, not torch.tensor(x, device): a copy from host memory waits for the device
+    eps = torch.full((), cfg.eps, device=images.device, dtype=images.dtype)
+    step_size = torch.full((), cfg.step_size, device=images.device, dtype=images.dtype)
     attack = STEPS[cfg.norm](images.detach(), eps, step_size)
     x = attack.random_perturb(images.detach(), generator) if cfg.random_start else images.detach().clone()
     for _ in range(cfg.steps):
@@ -84,7 +108,6 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: Adve
         (grad,) = torch.autograd.grad(loss, [x])
         with torch.no_grad():
             x = attack.project(attack.step(x, grad))
-    model.train(was_training)
     return x.detach()
 
 

@@ -46,8 +46,10 @@ class ModelConfig(Strict):
                                 "torch checkpoint, loaded with weights_only=True)")
     drop_rate: float | None = Field(None, ge=0, lt=1, description="classifier dropout; None: timm's default")
     drop_path_rate: float | None = Field(None, ge=0, lt=1, description="stochastic depth; None: timm's default")
-    compile: bool = Field(False, description="torch.compile the model (the attack passes ε as tensors, so "
-                          "changing it does not recompile)")
+    compile: bool | None = Field(None, description="torch.compile the model and the heavy augmentation; null: on "
+                                 "CUDA, off on the CPU (where compiling costs more than it saves); false: eager, "
+                                 "for debugging. ε and the step size travel as tensors: changing them does not "
+                                 "recompile")
     sync_batchnorm: bool = Field(False, description="several processes: batch-norm statistics over the global "
                                  "batch (SyncBatchNorm, GPUs only); False: each process normalises its share")
 

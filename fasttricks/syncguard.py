@@ -9,14 +9,16 @@ points (the logging points themselves read the loss back, on purpose).
 
 What it cannot see: a read of a CPU tensor that a GPU run would hold on the device (it sees the
 operator, not where the tensor would live), and copies to the host (``.cpu()``, ``.tolist()``),
-which on the CPU are no operators at all. ``set_sync_debug_mode("error")`` in the GPU tests covers
-those.
+which on the CPU are no operators at all. On CUDA ``guard`` uses torch's
+``set_sync_debug_mode("error")`` instead, which sees those; the GPU tests run every stage kind
+under it.
 """
 
 from __future__ import annotations
 
 import os
 import traceback
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -66,3 +68,23 @@ def _caller() -> str:
 
 def enabled() -> bool:
     return os.environ.get("FASTTRICKS_CHECK_SYNCS", "") not in ("", "0")
+
+
+@contextmanager
+def guard(device: torch.device, compiled: bool = False):
+    """The check for ``device``: on CUDA torch's own (``set_sync_debug_mode("error")``), which sees
+    every real sync, copies between host and device too; elsewhere ``no_host_sync``, which
+    torch.compile cannot trace through (a dispatch mode), so it checks eager steps only."""
+    if device.type != "cuda":
+        if compiled:
+            raise ValueError("FASTTRICKS_CHECK_SYNCS=1 on the CPU checks eager steps only: run it with "
+                             "--set model.compile=false")
+        with no_host_sync():
+            yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

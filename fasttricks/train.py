@@ -28,7 +28,7 @@ from fasttricks.averaging import average_files, calibration_batches, recalibrate
 from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, read_info, save_checkpoint, save_weights
 from fasttricks.data.classes import checked_manifests
 from fasttricks.data.loader import TrainLoader, beton_paths
-from fasttricks.devices import autocast, default_device
+from fasttricks.devices import autocast, compile_enabled, default_device
 from fasttricks.distributed import dist_info
 from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
 from fasttricks.models import Classifier, create_model, load_weights
@@ -36,7 +36,6 @@ from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import OptimizerConfig, Recipe, RecipeError, StageConfig
 from fasttricks.schedules import lr_factor, resolution_at
 from fasttricks.status import epoch_times, format_duration, mean_times, remaining_seconds
-from fasttricks.syncguard import no_host_sync
 from fasttricks.tracking import Tracker
 
 LOG_EVERY = 20  # steps between progress updates, the only syncs of a step
@@ -58,8 +57,9 @@ def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     (no sync). Under DDP, ``model`` is the wrapper and ``attack_model`` the module inside it: the
     attack's input gradients then trigger no gradient all-reduce."""
     if stage.adversarial is not None:
-        distributed.sync_buffers(attack_model or model)
-        images = pgd(attack_model or model, images, targets, stage.adversarial, generator=generator)
+        attack_model = model if attack_model is None else attack_model  # (a compiled module has no truth value)
+        distributed.sync_buffers(attack_model)
+        images = pgd(attack_model, images, targets, stage.adversarial, generator=generator)
     with autocast(images.device):
         loss = criterion(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
@@ -71,7 +71,7 @@ def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 
 def augment_and_mix(images: torch.Tensor, labels: torch.Tensor, stage: StageConfig,
-                    augment: HeavyAugmentation | None, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    augment: nn.Module | None, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Heavy augmentation, then CutMix / Foreground-CutMix, on the device; targets become class
     probabilities when mixing. Call inside ``seeded`` for reproducible draws."""
     if augment is not None:
@@ -166,7 +166,7 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
     starts = recipe.stage_starts()
     tracker = Tracker(recipe.logging, out, recipe.model_dump(mode="json"), enabled=rank == 0)
     with _InterruptFlag() as interrupt, closing(tracker):
-        train_model = torch.compile(model) if recipe.model.compile else model
+        train_model = torch.compile(model) if compile_enabled(recipe.model.compile, device) else model
         run = Run(recipe, out, device, model, train_model, info, loaders, paths["train"],
                   rank == 0, show_progress, interrupt, starts, tracker=tracker)
         position, state = _restore(run) if resume else (Position(0, 0), None)
@@ -213,7 +213,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
         load_weights(run.model.net, stage.weights)
     _apply_freeze(run, stage)
     step_model = distributed.wrap(run.train_model, run.device)  # after freezing: DDP takes trainable params
-    augment = HeavyAugmentation(stage.augment).to(run.device) if stage.augment else None
+    augment = _augmentation(run, stage)
     optimizer = create_optimizer(run.model, stage.optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
     ema = (timm.utils.ModelEmaV3(run.model.net, decay=stage.average.ema_decay)
@@ -292,6 +292,15 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
     run.save(Position(s, stage.epochs, averaged=True), _rng_state())
 
 
+def _augmentation(run: Run, stage: StageConfig) -> nn.Module | None:
+    """The stage's heavy augmentation, compiled where the model is: one graph without breaks, in
+    which inductor fuses the pointwise ops and draws the noise inside the kernels."""
+    if not stage.augment:
+        return None
+    augment = HeavyAugmentation(stage.augment).to(run.device)
+    return torch.compile(augment, fullgraph=True) if compile_enabled(run.recipe.model.compile, run.device) else augment
+
+
 def _apply_freeze(run: Run, stage: StageConfig) -> None:
     """Freezing belongs to a stage: undo the previous stage's, apply this one's, record it."""
     freezing.unfreeze(run.model.net)
@@ -303,7 +312,7 @@ def _apply_freeze(run: Run, stage: StageConfig) -> None:
 
 
 def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLoader, step_model: nn.Module,
-               optimizer: torch.optim.Optimizer, criterion: nn.Module, augment: HeavyAugmentation | None,
+               optimizer: torch.optim.Optimizer, criterion: nn.Module, augment: nn.Module | None,
                ema: timm.utils.ModelEmaV3 | None, start_step: int, state: dict | None) -> dict:
     res = resolution_at(stage.resolution, epoch)
     steps = len(loader)
@@ -331,7 +340,7 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
             epoch_key = run.epochs_before[s] + epoch
             generator = (attack_generator(device, run.recipe.seed, epoch_key, step, rank)
                          if stage.adversarial else None)
-            with no_host_sync() if syncguard.enabled() else nullcontext():  # FASTTRICKS_CHECK_SYNCS=1
+            with syncguard.guard(device, run.train_model is not run.model) if syncguard.enabled() else nullcontext():
                 if augment is not None or stage.mixing is not None:
                     with seeded(step_seed(run.recipe.seed, epoch_key, step, rank), device):
                         images, targets = augment_and_mix(images, labels, stage, augment, run.info["num_classes"])

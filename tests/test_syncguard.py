@@ -26,19 +26,44 @@ def test_the_guard_names_each_kind_of_sync(call, op):
 
 
 SMALL = ["stages.0.epochs=4", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32"]
-
-
-@pytest.mark.parametrize("kind,sets", [
+KINDS = [
     ("plain SGD + PGD-3", ["stages.0.adversarial={eps: 2/255, step_size: 1/255, steps: 3}"]),
     ("frozen half + Adam + EMA", ["stages.0.freeze=first_half", "stages.0.optimizer={name: adam, lr: 0.001}",
                                   "stages.0.average={ema_decay: 0.9, bn_batches: 1}"]),
     ("Foreground-CutMix", ["stages.0.mixing={kind: foreground_cutmix, p: 0.5}"]),
-])
+    ("heavy augmentation + CutMix", ["stages.0.augment={}", "stages.0.mixing={kind: cutmix, p: 0.5}"]),
+]
+
+
+@pytest.mark.parametrize("kind,sets", KINDS)
 def test_training_steps_of_each_kind_dispatch_no_syncing_operator(toy_data, tmp_path, monkeypatch, kind, sets):
     monkeypatch.setenv("FASTTRICKS_CHECK_SYNCS", "1")  # every step of the run under no_host_sync
     recipe = load_recipe("baseline", ["overrides/toy"], [*SMALL, *sets])
     summary = train(recipe, toy_data, tmp_path / "r", show_progress=False)
     assert summary["epochs"] == 4  # 4 epochs of 6 steps: 24 guarded steps
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,sets", KINDS)
+def test_cuda_training_steps_of_each_kind_never_sync(toy_data, tmp_path, monkeypatch, kind, sets):
+    """The same runs on CUDA (compiled, as model.compile defaults there), every step under
+    torch.cuda.set_sync_debug_mode("error") as well: 24 steps of each kind."""
+    monkeypatch.setenv("FASTTRICKS_CHECK_SYNCS", "1")
+    recipe = load_recipe("baseline", ["overrides/toy"], [*SMALL, *sets])
+    summary = train(recipe, toy_data, tmp_path / "r", device=torch.device("cuda"), show_progress=False)
+    assert summary["epochs"] == 4
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])
+def test_the_heavy_augmentation_dispatches_no_syncing_operator(p):
+    from fasttricks.augment.heavy import HeavyAugmentation
+    from fasttricks.recipes import AugmentConfig
+
+    ops = ("shift", "rotate", "elastic", "brightness_contrast", "motion_blur", "cutout", "gauss_noise", "iso_noise")
+    augment = HeavyAugmentation(AugmentConfig(**{op: {"p": p} for op in ops}))
+    with no_host_sync():
+        out = augment(torch.rand(9, 3, 32, 32))  # B·p = 4.5 at p = 0.5: the coin for the fifth image
+    assert out.shape == (9, 3, 32, 32)
 
 
 def test_the_guard_is_on_in_the_loop(toy_data, tmp_path, monkeypatch):
@@ -55,3 +80,10 @@ def test_the_guard_is_on_in_the_loop(toy_data, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTTRICKS_CHECK_SYNCS", "1")
     with pytest.raises(HostSyncError, match="_local_scalar_dense"):
         train(load_recipe("baseline", ["overrides/toy"], SMALL), toy_data, tmp_path / "r", show_progress=False)
+
+
+def test_on_the_cpu_the_guard_refuses_a_compiled_step_and_says_how_to_check_it(toy_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTRICKS_CHECK_SYNCS", "1")
+    recipe = load_recipe("baseline", ["overrides/toy"], [*SMALL, "model.compile=true"])
+    with pytest.raises(ValueError, match="model.compile=false"):
+        train(recipe, toy_data, tmp_path / "r", show_progress=False)

@@ -53,7 +53,7 @@ def _box_mask(top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.T
 def cutmix(images: torch.Tensor, targets: torch.Tensor, cfg: MixingConfig):
     b, _, height, width = images.shape
     dev = images.device
-    alpha = torch.tensor(cfg.alpha, device=dev)
+    alpha = torch.full((), cfg.alpha, device=dev)  # a fill: torch.tensor(x, device) copies and waits
     # validate_args=False: the argument check reads alpha back to the host, a sync per step
     lam = torch.distributions.Beta(alpha, alpha, validate_args=False).sample((b,))
     cut = torch.sqrt(1 - lam)
