@@ -3,11 +3,13 @@ themselves (the attack and the augmentations work in pixel space), and safe weig
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -111,9 +113,44 @@ def _from_robustness(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module.model."): v for k, v in state.items() if k.startswith("module.model.")}
 
 
+def recorded_architecture(path: str | os.PathLike) -> str | None:
+    """The timm architecture a weights file says it holds: our safetensors metadata, or the
+    ``config.json`` that timm's Hugging Face repositories keep beside their weights (a file in
+    the hub cache). None when it says nothing."""
+    path = weights_file(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = (f.metadata() or {}).get("fasttricks")
+            if meta:
+                return json.loads(meta).get("arch")
+        except Exception:  # unreadable files are reported by read_state_dict, with their reason
+            return None
+    config = path.parent / "config.json"
+    if config.is_file():
+        try:
+            return json.loads(config.read_text()).get("architecture")
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def _check_architecture(net: nn.Module, path: str | os.PathLike) -> None:
+    """Same keys and shapes do not make the same network: timm's ``tf_`` EfficientNets use TF
+    "same" padding and batch-norm eps 1e-3, and the other variants load their weights without a
+    complaint and compute something else. Weights that name their architecture must match."""
+    recorded = recorded_architecture(path)
+    own = (getattr(net, "pretrained_cfg", None) or {}).get("architecture")
+    if recorded and own and recorded != own:
+        raise WeightsError(f"{path} holds {recorded} weights, but the model is {own}: the tensors would load "
+                           f"and compute something else (padding, normalisation). Set model.arch={recorded}")
+
+
 def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     """Load ``path`` into the timm network ``net``. The classifier is skipped when its shape
-    differs (fine-tuning to other classes); any other mismatch is an error listing the first ones."""
+    differs (fine-tuning to other classes); any other mismatch is an error listing the first ones,
+    and so are weights recorded as another architecture."""
+    _check_architecture(net, path)
     state = read_state_dict(path)
     own = net.state_dict()
     classifier = _classifier_prefix(net)

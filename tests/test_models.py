@@ -79,3 +79,26 @@ def test_madrylab_robustness_checkpoints_load_without_attacker_and_normaliser(tm
     dst = create_model(ModelConfig(arch="test_resnet", weights=str(tmp_path / "robust.pt")), 10)
     for k, v in net_state.items():
         assert torch.equal(dst.net.state_dict()[k], v), k  # the model copy, not the attacker's
+
+
+def test_weights_recorded_as_another_architecture_are_refused_though_every_tensor_fits(tmp_path):
+    """tf_efficientnet_b1 and efficientnet_b1 share every key and shape but not the padding or the
+    batch-norm eps: loading one's weights into the other would compute something else silently."""
+    import json
+
+    from fasttricks.checkpoint import save_weights
+
+    tf = create_model(ModelConfig(arch="tf_efficientnet_b1"), 10)
+    assert tf.net.state_dict().keys() == create_model(ModelConfig(arch="efficientnet_b1"), 10).net.state_dict().keys()
+    ours = tmp_path / "ours.safetensors"
+    save_weights(ours, tf.net, {"arch": "tf_efficientnet_b1", "num_classes": 10})
+    hub = tmp_path / "snapshot"  # a timm repository as the Hugging Face cache holds it
+    hub.mkdir()
+    save_file(tf.net.state_dict(), str(hub / "model.safetensors"))
+    (hub / "config.json").write_text(json.dumps({"architecture": "tf_efficientnet_b1", "num_classes": 10}))
+    for path in (ours, hub / "model.safetensors"):
+        with pytest.raises(WeightsError, match=r"tf_efficientnet_b1 weights, but the model is efficientnet_b1.*"
+                                               r"model.arch=tf_efficientnet_b1"):
+            create_model(ModelConfig(arch="efficientnet_b1", weights=str(path)), 10)
+        again = create_model(ModelConfig(arch="tf_efficientnet_b1", weights=str(path)), 10)
+        assert torch.equal(again.net.conv_stem.weight, tf.net.conv_stem.weight)
