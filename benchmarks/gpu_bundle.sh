@@ -7,7 +7,7 @@
 # typer, rich, matplotlib and pytest (the lent H100/H200 machines do) and no network. What it lacks
 # travels as wheels, at the versions of constraints.txt: FFCV (compiled here against libturbojpeg
 # and OpenCV, then made self-contained by auditwheel, which copies those libraries into the wheel),
-# Kornia, pydantic, robustness, albumentations and their small dependencies. fasttricks itself
+# Kornia, pydantic, robustness, pytorch-optimizer, albumentations and their small dependencies. fasttricks itself
 # travels as source (the suite puts the repository on PYTHONPATH).
 #
 # Needs: a Python 3.12 here (PY312=..., else python3.12 on PATH or pyenv's), the Debian packages of
@@ -25,7 +25,7 @@ find_py312() {
 }
 PY312=$(find_py312)
 # pinned as CI pins them (a few are source-only: pip builds their pure-Python wheels)
-PACKAGES=(kornia kornia_rs pydantic pydantic_core annotated-types typing-inspection robustness
+PACKAGES=(kornia kornia_rs pydantic pydantic_core annotated-types typing-inspection robustness pytorch_optimizer
           albumentations albucore simsimd stringzilla assertpy terminaltables fastargs)
 pin() { grep -i -m1 "^$(echo "$1" | sed 's/[-_]/[-_]/g')==" constraints.txt || { echo "gpu_bundle: $1 not in constraints.txt" >&2; exit 2; }; }
 

@@ -73,6 +73,11 @@ class DataConfig(Strict):
         return self
 
 
+class SamConfig(Strict):
+    rho: float = Field(0.05, gt=0, description="radius of the weight perturbation (Foret et al.: 0.05)")
+    adaptive: bool = Field(False, description="ASAM (Kwon et al. 2021): the perturbation scaled by |w|")
+
+
 class OptimizerConfig(Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = Field(0.5, gt=0, description="peak learning rate for the stage's (global) batch size")
@@ -82,6 +87,8 @@ class OptimizerConfig(Strict):
     nesterov: bool = False
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW only")
     weight_decay: float = Field(5e-5, ge=0, description="not applied to norms and biases")
+    sam: SamConfig | None = Field(None, description="sharpness-aware minimisation around this optimizer "
+                                  "(two forward-backward passes per step); {} for the defaults")
 
 
 class ScheduleConfig(Strict):

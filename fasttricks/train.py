@@ -20,7 +20,7 @@ import timm.utils
 import torch
 from torch import nn
 
-from fasttricks import distributed, fixres, freezing, plots, runs, syncguard
+from fasttricks import distributed, fixres, freezing, plots, runs, sam, syncguard
 from fasttricks.adversarial import attack_generator, describe_eps, pgd
 from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
 from fasttricks.augment.mixing import mix
@@ -60,6 +60,8 @@ def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
         attack_model = model if attack_model is None else attack_model  # (a compiled module has no truth value)
         distributed.sync_buffers(attack_model)
         images = pgd(attack_model, images, targets, stage.adversarial, generator=generator)
+    if stage.optimizer.sam is not None:
+        return sam.step(model, images, targets, optimizer, criterion, stage.grad_clip)
     with autocast(images.device):
         loss = criterion(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
@@ -82,16 +84,19 @@ def augment_and_mix(images: torch.Tensor, labels: torch.Tensor, stage: StageConf
 
 
 def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """timm's factory: no weight decay on biases and norm parameters, frozen parameters left out."""
+    """timm's factory: no weight decay on biases and norm parameters, frozen parameters left out;
+    inside SAM when the stage asks for it."""
     if cfg.weight_decay == 0:  # timm then takes model.parameters(), frozen ones included
         model = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "sgd":
-        return timm.optim.create_optimizer_v2(model, "nesterov" if cfg.nesterov else "momentum", lr=cfg.lr,
+        base = timm.optim.create_optimizer_v2(model, "nesterov" if cfg.nesterov else "momentum", lr=cfg.lr,
                                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        return sam.wrap(base, cfg.sam) if cfg.sam is not None else base
     # fused: one kernel per step, and the step count stays a device tensor (the foreach Adam reads a
     # CPU step counter back each step, which the no-sync guard cannot tell from a device sync)
-    return timm.optim.create_optimizer_v2(model, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    base = timm.optim.create_optimizer_v2(model, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                           betas=tuple(cfg.betas), fused=True)
+    return sam.wrap(base, cfg.sam) if cfg.sam is not None else base
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ KINDS = [
                                   "stages.0.average={ema_decay: 0.9, bn_batches: 1}"]),
     ("Foreground-CutMix", ["stages.0.mixing={kind: foreground_cutmix, p: 0.5}"]),
     ("heavy augmentation + CutMix", ["stages.0.augment={}", "stages.0.mixing={kind: cutmix, p: 0.5}"]),
+    ("SAM around Adam", ["stages.0.optimizer={name: adam, lr: 0.001, sam: {rho: 0.05}}"]),
 ]
 
 

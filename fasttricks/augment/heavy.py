@@ -1,7 +1,9 @@
 """The paper's "heavy augmentation" on a whole batch on the device: shift, rotation, elastic
 deformation, brightness and contrast, motion blur, cutout, Gaussian noise and ISO noise, each
-with its own per-image probability and per-image parameters (albumentations 1.x semantics and
-defaults, as the paper used). Images are float in [0, 1] in and out.
+with its own per-image probability and per-image parameters (albumentations 1.x semantics, as the
+paper used; its defaults for brightness/contrast, motion blur and the noises, not yet for elastic
+deformation, cutout and the shift/rotation, which the README lists). Images are float in [0, 1]
+in and out.
 
 Kornia provides the motion-blur kernels, the filters and the geometry's building blocks; motion
 blur and cutout draw their parameters here, per image and on the device (Kornia's modules draw one
