@@ -61,7 +61,7 @@ def test_a_step_makes_two_passes_and_only_the_first_moves_batch_norm_statistics(
     assert model[1].momentum == one_pass[1].momentum  # restored after the second pass
 
 
-def test_a_sam_run_resumes_to_the_bit_and_differs_from_plain_adam(toy_data, tmp_path):
+def test_a_sam_run_resumes_to_the_bit(toy_data, tmp_path):
     sets = ["stages.0.epochs=2", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32",
             "stages.0.optimizer={name: adam, lr: 0.001, weight_decay: 0.0, sam: {rho: 0.05}}"]
     recipe = load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"], sets)
@@ -72,8 +72,4 @@ def test_a_sam_run_resumes_to_the_bit_and_differs_from_plain_adam(toy_data, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = [[{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "seconds")}
              for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("full", "part")]
-    assert rows[0] == rows[1]
-    plain = train(load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"],
-                              [*sets[:-1], "stages.0.optimizer={name: adam, lr: 0.001, weight_decay: 0.0}"]),
-                  toy_data, tmp_path / "plain", show_progress=False)
-    assert plain["train_loss"] != full["train_loss"]
+    assert rows[0] == rows[1] and full["epochs"] == 2
