@@ -89,24 +89,24 @@ def main() -> None:
     labels = torch.arange(args.batch_size, device=device) % 10
     augment = HeavyAugmentation(AugmentConfig()).to(device)
 
-    def ours(step=itertools.count()):
-        with seeded(next(step), device):
-            mix(augment(batch), labels, 10, FCUTMIX)
-        return args.batch_size
+    def batched_step(aug):
+        """One augment + mix of the batch, each call a new seed."""
+        steps = itertools.count()
 
-    ours()
-    batched = statistics.median(timed(ours, device) for _ in range(args.repeats))
-    compiled_rate = None
-    if args.compile:  # as train runs it on CUDA: the augmentation one compiled graph
-        compiled = torch.compile(augment, fullgraph=True)
-
-        def ours_compiled(step=itertools.count()):
-            with seeded(next(step), device):
-                mix(compiled(batch), labels, 10, FCUTMIX)
+        def step():
+            with seeded(next(steps), device):
+                mix(aug(batch), labels, 10, FCUTMIX)
             return args.batch_size
+        return step
 
-        ours_compiled()
-        compiled_rate = statistics.median(timed(ours_compiled, device) for _ in range(args.repeats))
+    def rate(step) -> float:
+        step()  # warm-up (compilation)
+        return statistics.median(timed(step, device) for _ in range(args.repeats))
+
+    ours = batched_step(augment)
+    batched = rate(ours)
+    # as train runs it on CUDA: the augmentation one compiled graph
+    compiled_rate = rate(batched_step(augment.compiled())) if args.compile else None
 
     # albumentations, per sample in worker processes
     loader = torch.utils.data.DataLoader(_Images(images), batch_size=args.batch_size, num_workers=args.workers,

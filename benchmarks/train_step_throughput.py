@@ -92,7 +92,7 @@ class Bench:
     def heavy(self, cfg) -> nn.Module:
         """The heavy augmentation, compiled when the model is (as train does)."""
         augment = HeavyAugmentation(cfg).to(self.device)
-        return torch.compile(augment, fullgraph=True) if self.compile else augment
+        return augment.compiled() if self.compile else augment
 
     def synthetic(self, batch: int, res: int):
         return (torch.rand(batch, 3, res, res, device=self.device).contiguous(memory_format=torch.channels_last),

@@ -91,11 +91,11 @@ def create_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Opti
     if cfg.name == "sgd":
         base = timm.optim.create_optimizer_v2(model, "nesterov" if cfg.nesterov else "momentum", lr=cfg.lr,
                                               weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-        return sam.wrap(base, cfg.sam) if cfg.sam is not None else base
-    # fused: one kernel per step, and the step count stays a device tensor (the foreach Adam reads a
-    # CPU step counter back each step, which the no-sync guard cannot tell from a device sync)
-    base = timm.optim.create_optimizer_v2(model, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                          betas=tuple(cfg.betas), fused=True)
+    else:
+        # fused: one kernel per step, and the step count stays a device tensor (the foreach Adam reads a
+        # CPU step counter back each step, which the no-sync guard cannot tell from a device sync)
+        base = timm.optim.create_optimizer_v2(model, cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                              betas=tuple(cfg.betas), fused=True)
     return sam.wrap(base, cfg.sam) if cfg.sam is not None else base
 
 
@@ -298,12 +298,11 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
 
 
 def _augmentation(run: Run, stage: StageConfig) -> nn.Module | None:
-    """The stage's heavy augmentation, compiled where the model is: one graph without breaks, in
-    which inductor fuses the pointwise ops and draws the noise inside the kernels."""
+    """The stage's heavy augmentation, compiled where the model is."""
     if not stage.augment:
         return None
     augment = HeavyAugmentation(stage.augment).to(run.device)
-    return torch.compile(augment, fullgraph=True) if compile_enabled(run.recipe.model.compile, run.device) else augment
+    return augment.compiled() if compile_enabled(run.recipe.model.compile, run.device) else augment
 
 
 def _apply_freeze(run: Run, stage: StageConfig) -> None:

@@ -12,10 +12,10 @@ import gpu_suite  # noqa: E402
 
 def test_the_table_compares_each_figure_with_its_goal_and_never_passes_a_missing_one():
     figures = {
-        "train_step": {"results": [{"row": "behaviour", "saturation": 0.96},
+        "train step": {"results": [{"row": "behaviour", "saturation": 0.96},
                                    {"row": "compile", "images_per_s_compiled": 812.5},
                                    {"row": "projection", "hours": 9.4}]},
-        "augment": {"images_per_s_batched_compiled": None},
+        "augmentation": {"images_per_s_batched_compiled": None},
     }
     status = [{"part": "train step", "rc": 0, "seconds": 200.0}, {"part": "augmentation", "rc": "timeout",
                                                                   "seconds": 75.0}]

@@ -213,7 +213,7 @@ def test_the_compiled_augmentation_is_one_graph_seeded_in_range_and_distributed_
 
     torch._dynamo.reset()
     augment = HeavyAugmentation(AugmentConfig())
-    compiled = torch.compile(augment, fullgraph=True)  # fullgraph: a graph break would raise
+    compiled = augment.compiled()  # fullgraph: a graph break would raise
     x = _images(n=64, size=32)
     outs = []
     for seed in (0, 0, 1):

@@ -207,6 +207,12 @@ class HeavyAugmentation(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    def compiled(self) -> nn.Module:
+        """The whole augmentation as one compiled graph (it has no break): inductor fuses the
+        pointwise ops and draws the noise inside the kernels, so values differ from eager's, the
+        distribution does not."""
+        return torch.compile(self, fullgraph=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
