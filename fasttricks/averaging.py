@@ -101,15 +101,14 @@ def average_command(paths: Sequence[Path], out: Path, *, data_dir: Path | None, 
     """``fasttricks average``: average, recalibrate on ``data_dir``'s training set when given,
     write ``out`` (atomically). Returns a report."""
     from fasttricks.data.loader import beton_paths
-    from fasttricks.models import create_model
-    from fasttricks.recipes import ModelConfig
+    from fasttricks.models import classifier_for
 
     if len(paths) < 2:
         raise ValueError("average needs at least two checkpoints")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     state, info = average_files(paths)
-    model = create_model(ModelConfig(arch=info["arch"]), info["num_classes"]).to(device)
+    model = classifier_for(info).to(device)
     model.net.load_state_dict(state)
     report = {"averaged": [str(p) for p in paths], "out": str(out), "bn_images": 0}
     if data_dir is not None and bn_batches > 0:

@@ -15,8 +15,8 @@ from fasttricks.checkpoint import read_info
 from fasttricks.data.loader import ValLoader, beton_paths
 from fasttricks.devices import autocast
 from fasttricks.distributed import dist_info, sum_over_ranks
-from fasttricks.models import Classifier, create_model, weights_file
-from fasttricks.recipes import AdversarialConfig, ModelConfig
+from fasttricks.models import Classifier, classifier_for, weights_file
+from fasttricks.recipes import AdversarialConfig
 from fasttricks.seeding import EVAL_ATTACK, stream_seed
 
 
@@ -81,7 +81,7 @@ def load_classifier(weights: str | os.PathLike, device: torch.device) -> tuple[C
     run or checkpoint folder that holds it."""
     weights = weights_file(weights)
     info = read_info(weights)
-    model = create_model(ModelConfig(arch=info["arch"], weights=str(weights)), info["num_classes"])
+    model = classifier_for(info, weights)
     return model.to(device).to(memory_format=torch.channels_last), info
 
 

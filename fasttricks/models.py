@@ -9,6 +9,8 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub import constants
+from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -44,20 +46,54 @@ class Classifier(nn.Module):
         return {f"net.{name}" for name in inner()} if callable(inner) else set()
 
 
-def create_model(cfg: ModelConfig, num_classes: int) -> Classifier:
-    """The timm model ``cfg.arch`` with ``num_classes`` outputs, random or from ``cfg.weights``."""
+def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Classifier:
+    """The timm model ``cfg.arch`` with ``num_classes`` outputs: random, from timm's pretrained
+    weights (``cfg.pretrained``) or from ``cfg.weights``. It normalises with ``mean``/``std`` when
+    given (a trained model's recorded ones), else with its pretrained config's."""
     kwargs = {k: v for k, v in (("drop_rate", cfg.drop_rate), ("drop_path_rate", cfg.drop_path_rate))
               if v is not None}
     try:
-        net = timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, **kwargs)
+        net = _pretrained(cfg, num_classes, kwargs) if cfg.pretrained_name() else \
+            timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"model.arch: timm has no model {cfg.arch!r} (see timm.list_models())") from None
+        if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
+            raise ValueError(f"model.arch / model.pretrained: timm has no model {cfg.pretrained_name() or cfg.arch!r} "
+                             f"(see timm.list_models() and timm.list_pretrained())") from None
         raise
-    if cfg.weights:
+    if cfg.weights and not cfg.pretrained_name():
         load_weights(net, cfg.weights)
     pretrained = getattr(net, "pretrained_cfg", {}) or {}
-    return Classifier(net, pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD))
+    return Classifier(net, mean or pretrained.get("mean", IMAGENET_MEAN), std or pretrained.get("std", IMAGENET_STD))
+
+
+class PretrainedUnavailable(WeightsError):
+    """Pretrained weights that are neither in the Hugging Face cache nor downloadable."""
+
+
+def _pretrained(cfg: ModelConfig, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm's own loading of ``cfg.pretrained``: the hub and its cache, or the local file
+    ``cfg.weights`` through ``pretrained_cfg_overlay`` (timm then adapts the classifier and any
+    stem change as it would for downloaded weights, and reads the file with weights_only=True)."""
+    name = cfg.pretrained_name()
+    overlay = None
+    if cfg.weights:
+        path = weights_file(cfg.weights)
+        _check_architecture(cfg.arch, path)
+        overlay = {"file": str(path)}
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
+                                 **kwargs)
+    except LocalEntryNotFoundError:
+        raise PretrainedUnavailable(
+            f"model.pretrained: the weights of {name} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and the hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}); download them once "
+            f"where there is a network, or give the file: --set model.weights=FILE") from None
+
+
+def classifier_for(info: dict, weights: str | os.PathLike | None = None) -> Classifier:
+    """The model a trained run describes (``info`` from its weights), normalising as it was trained."""
+    return create_model(ModelConfig(arch=info["arch"], weights=str(weights) if weights else None),
+                        info["num_classes"], info.get("mean"), info.get("std"))
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -135,12 +171,11 @@ def recorded_architecture(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _check_architecture(net: nn.Module, path: str | os.PathLike) -> None:
+def _check_architecture(own: str | None, path: str | os.PathLike) -> None:
     """Same keys and shapes do not make the same network: timm's ``tf_`` EfficientNets use TF
     "same" padding and batch-norm eps 1e-3, and the other variants load their weights without a
     complaint and compute something else. Weights that name their architecture must match."""
     recorded = recorded_architecture(path)
-    own = (getattr(net, "pretrained_cfg", None) or {}).get("architecture")
     if recorded and own and recorded != own:
         raise WeightsError(f"{path} holds {recorded} weights, but the model is {own}: the tensors would load "
                            f"and compute something else (padding, normalisation). Set model.arch={recorded}")
@@ -150,7 +185,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     """Load ``path`` into the timm network ``net``. The classifier is skipped when its shape
     differs (fine-tuning to other classes); any other mismatch is an error listing the first ones,
     and so are weights recorded as another architecture."""
-    _check_architecture(net, path)
+    _check_architecture((getattr(net, "pretrained_cfg", None) or {}).get("architecture"), path)
     state = read_state_dict(path)
     own = net.state_dict()
     classifier = _classifier_prefix(net)

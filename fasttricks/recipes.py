@@ -43,7 +43,12 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     arch: str = Field("efficientnet_b1", description="timm model name (timm.list_models())")
     weights: str | None = Field(None, description="local weights file to start from (safetensors or a "
-                                "torch checkpoint, loaded with weights_only=True)")
+                                "torch checkpoint, loaded with weights_only=True); with pretrained, the file of "
+                                "that tag's weights, loaded by timm (pretrained_cfg_overlay) instead of the hub")
+    pretrained: bool | str | None = Field(
+        None, description="start from timm's pretrained weights, loaded as timm loads them (Hugging Face hub, its "
+        "cache, HF_HUB_OFFLINE): true for the architecture's default tag, or a tag (ns_jft_in1k or "
+        "tf_efficientnet_b1.ns_jft_in1k); the normalisation is the tag's. None/false: random or model.weights")
     drop_rate: float | None = Field(None, ge=0, lt=1, description="classifier dropout; None: timm's default")
     drop_path_rate: float | None = Field(None, ge=0, lt=1, description="stochastic depth; None: timm's default")
     compile: bool | None = Field(None, description="torch.compile the model and the heavy augmentation; null: on "
@@ -52,6 +57,26 @@ class ModelConfig(Strict):
                                  "recompile")
     sync_batchnorm: bool = Field(False, description="several processes: batch-norm statistics over the global "
                                  "batch (SyncBatchNorm, GPUs only); False: each process normalises its share")
+
+    @model_validator(mode="after")
+    def _check_pretrained(self):
+        if isinstance(self.pretrained, str):
+            arch, dot, tag = self.pretrained.partition(".")
+            if dot and arch != self.arch:
+                raise ValueError(f"pretrained {self.pretrained!r} is a tag of {arch}, but model.arch is {self.arch}: "
+                                 f"set model.arch={arch} (same keys do not make the same network)")
+            if not (tag if dot else arch):
+                raise ValueError(f"pretrained {self.pretrained!r}: expected a tag such as ns_jft_in1k")
+        return self
+
+    def pretrained_name(self) -> str | None:
+        """The timm name to load pretrained weights for (``arch.tag``, or ``arch`` for its default
+        tag); None when the model does not start from pretrained weights."""
+        if not self.pretrained:
+            return None
+        if self.pretrained is True:
+            return self.arch
+        return self.pretrained if "." in self.pretrained else f"{self.arch}.{self.pretrained}"
 
 
 class DataConfig(Strict):
@@ -203,6 +228,26 @@ class AugmentConfig(Strict):
     iso_noise: ISONoiseConfig = ISONoiseConfig()
 
 
+class AugMixConfig(Strict):
+    """AugMix (Hendrycks et al. 2020) on the device, after the heavy augmentation and before mixing."""
+
+    width: int = Field(3, ge=1, description="chains mixed per image (AugMix: 3)")
+    depth: tuple[int, int] = Field((1, 3), description="ops per chain, drawn per chain in [min, max] (AugMix: "
+                                   "1 to 3)")
+    severity: float = Field(3.0, ge=0.1, le=10, description="op levels are drawn in [0.1, severity] on a 0-10 scale "
+                            "(AugMix's CIFAR code and torchvision: 3; its ImageNet code: 1)")
+    alpha: float = Field(1.0, gt=0, description="Dirichlet chain weights and the Beta mixing weight (AugMix: 1)")
+    jsd: bool = Field(False, description="Jensen-Shannon consistency loss (timm's JsdCrossEntropy): the clean batch "
+                      "and two AugMix views go through the network, 3x the images; not with mixing or adversarial")
+    jsd_weight: float = Field(12.0, ge=0, description="the JSD term's weight (AugMix and timm: 12)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 1 <= self.depth[0] <= self.depth[1]:
+            raise ValueError(f"depth {list(self.depth)}: need 1 <= min <= max")
+        return self
+
+
 class MixingConfig(Strict):
     kind: Literal["cutmix", "foreground_cutmix"]
     p: float = Field(0.5, ge=0, le=1, description="probability of mixing")
@@ -250,8 +295,18 @@ class StageConfig(Strict):
         "prefixes; frozen parameters get no gradient and frozen batch norms stay in eval mode")
     adversarial: AdversarialConfig | None = Field(None, description="PGD adversarial training; None: off")
     augment: AugmentConfig | None = Field(None, description="heavy augmentation on the device; None: off")
+    augmix: AugMixConfig | None = Field(None, description="AugMix on the device; None: off")
     mixing: MixingConfig | None = Field(None, description="CutMix or Foreground-CutMix; None: off")
     average: AverageConfig | None = Field(None, description="weight averaging at the stage's end; None: off")
+
+    @model_validator(mode="after")
+    def _check_jsd(self):
+        if self.augmix is not None and self.augmix.jsd:
+            clash = [k for k in ("mixing", "adversarial") if getattr(self, k) is not None]
+            if clash:
+                raise ValueError(f"augmix.jsd puts the clean batch and two views through the network; it does not "
+                                 f"combine with {' or '.join(clash)} here: set augmix.jsd=false or remove {clash[0]}")
+        return self
 
     @model_validator(mode="after")
     def _check_average(self):

@@ -18,11 +18,13 @@ from pathlib import Path
 import timm.optim
 import timm.utils
 import torch
+from timm.loss import JsdCrossEntropy
 from torch import nn
 
 from fasttricks import distributed, fixres, freezing, plots, runs, sam, syncguard
 from fasttricks.adversarial import attack_generator, describe_eps, pgd
-from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed
+from fasttricks.augment import stage_augmentation
+from fasttricks.augment.heavy import seeded, step_seed
 from fasttricks.augment.mixing import mix
 from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
 from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, read_info, save_checkpoint, save_weights
@@ -74,8 +76,9 @@ def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
 
 def augment_and_mix(images: torch.Tensor, labels: torch.Tensor, stage: StageConfig,
                     augment: nn.Module | None, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Heavy augmentation, then CutMix / Foreground-CutMix, on the device; targets become class
-    probabilities when mixing. Call inside ``seeded`` for reproducible draws."""
+    """Heavy augmentation and AugMix, then CutMix / Foreground-CutMix, on the device; targets become
+    class probabilities when mixing (with AugMix's JSD the images are 3x the labels, see AugMix).
+    Call inside ``seeded`` for reproducible draws."""
     if augment is not None:
         images = augment(images)
     if stage.mixing is not None:
@@ -164,7 +167,7 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
     info = {"arch": recipe.model.arch, "num_classes": len(classes), "classes": classes,
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
             "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name,
-            "data": Path(data_dir).name}
+            "data": Path(data_dir).name, "pretrained": recipe.model.pretrained_name()}
     loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
                           batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
                           distributed=world > 1)  # every rank evaluates its shard
@@ -220,7 +223,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     step_model = distributed.wrap(run.train_model, run.device)  # after freezing: DDP takes trainable params
     augment = _augmentation(run, stage)
     optimizer = create_optimizer(run.model, stage.optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
+    criterion = _criterion(stage)
     ema = (timm.utils.ModelEmaV3(run.model.net, decay=stage.average.ema_decay)
            if stage.average and stage.average.ema_decay else None)
     if state is not None:
@@ -298,11 +301,16 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
 
 
 def _augmentation(run: Run, stage: StageConfig) -> nn.Module | None:
-    """The stage's heavy augmentation, compiled where the model is."""
-    if not stage.augment:
-        return None
-    augment = HeavyAugmentation(stage.augment).to(run.device)
-    return augment.compiled() if compile_enabled(run.recipe.model.compile, run.device) else augment
+    """The stage's augmentation, its heavy part compiled where the model is."""
+    return stage_augmentation(stage, run.device, compile_enabled(run.recipe.model.compile, run.device))
+
+
+def _criterion(stage: StageConfig) -> nn.Module:
+    """Cross-entropy with the stage's label smoothing; with AugMix's JSD, timm's JsdCrossEntropy
+    (cross-entropy on the clean third of the batch plus the consistency term)."""
+    if stage.augmix is not None and stage.augmix.jsd:
+        return JsdCrossEntropy(num_splits=3, alpha=stage.augmix.jsd_weight, smoothing=stage.label_smoothing)
+    return nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
 
 
 def _apply_freeze(run: Run, stage: StageConfig) -> None:

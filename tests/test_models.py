@@ -102,3 +102,56 @@ def test_weights_recorded_as_another_architecture_are_refused_though_every_tenso
             create_model(ModelConfig(arch="efficientnet_b1", weights=str(path)), 10)
         again = create_model(ModelConfig(arch="tf_efficientnet_b1", weights=str(path)), 10)
         assert torch.equal(again.net.conv_stem.weight, tf.net.conv_stem.weight)
+
+
+def test_pretrained_tag_from_a_local_file_goes_through_timm_and_keeps_the_tags_normalisation(tmp_path):
+    """model.pretrained + model.weights: timm's own loader reads the file (pretrained_cfg_overlay),
+    drops the 1000-class classifier for the 10 toy classes, and the model normalises as the tag says
+    (test_resnet.r160_in1k: mean and std 0.5, not ImageNet's)."""
+    import timm
+
+    tag_weights = timm.create_model("test_resnet", num_classes=1000)
+    save_file(tag_weights.state_dict(), str(tmp_path / "r160.safetensors"))
+    cfg = ModelConfig(arch="test_resnet", pretrained="r160_in1k", weights=str(tmp_path / "r160.safetensors"))
+    assert cfg.pretrained_name() == "test_resnet.r160_in1k"
+    model = create_model(cfg, 10)
+    assert model.net.pretrained_cfg["file"] == str(tmp_path / "r160.safetensors")
+    assert torch.equal(model.net.conv1[0].weight, tag_weights.conv1[0].weight)
+    assert model.net.get_classifier().out_features == 10
+    assert model.mean.flatten().tolist() == [0.5, 0.5, 0.5] and model.std.flatten().tolist() == [0.5, 0.5, 0.5]
+    with pytest.raises(WeightsError, match="test_efficientnet weights, but the model is test_resnet"):
+        save_file(create_model(ModelConfig(arch="test_efficientnet"), 10).net.state_dict(),
+                  str(tmp_path / "snap.safetensors"))
+        (tmp_path / "config.json").write_text('{"architecture": "test_efficientnet"}')
+        create_model(ModelConfig(arch="test_resnet", pretrained=True, weights=str(tmp_path / "snap.safetensors")), 10)
+
+
+def test_a_tag_of_another_architecture_is_refused_with_the_fix():
+    from fasttricks.recipes import RecipeError, validate
+
+    with pytest.raises(RecipeError, match=r"model.*tag of tf_efficientnet_b1, but model.arch is efficientnet_b1.*"
+                                          r"model.arch=tf_efficientnet_b1"):
+        validate({"name": "x", "stages": [{}], "model": {"pretrained": "tf_efficientnet_b1.ns_jft_in1k"}})
+    assert ModelConfig(arch="tf_efficientnet_b1", pretrained=True).pretrained_name() == "tf_efficientnet_b1"
+    with pytest.raises(ValueError, match="timm has no model 'test_resnet.no_such_tag'"):
+        create_model(ModelConfig(arch="test_resnet", pretrained="no_such_tag"), 10)
+
+
+def test_offline_without_the_cached_weights_is_one_line_naming_the_tag_the_cache_and_the_fix(
+        tmp_path, monkeypatch, toy_data):
+    """HF_HUB_OFFLINE with an empty cache: exit 2 and one line, before any run folder is written."""
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from fasttricks.cli import app
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--recipe", "baseline", "--data", str(toy_data), "--out", str(out),
+                                      "--set", "model.arch=test_resnet", "--set", "model.pretrained=r160_in1k"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "test_resnet.r160_in1k" in said and str(tmp_path / "hub") in said and "model.weights=FILE" in said
+    assert "Traceback" not in result.output
+    assert not out.exists() or not any(out.rglob("*.safetensors"))

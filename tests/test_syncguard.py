@@ -33,6 +33,7 @@ KINDS = [
     ("Foreground-CutMix", ["stages.0.mixing={kind: foreground_cutmix, p: 0.5}"]),
     ("heavy augmentation + CutMix", ["stages.0.augment={}", "stages.0.mixing={kind: cutmix, p: 0.5}"]),
     ("SAM around Adam", ["stages.0.optimizer={name: adam, lr: 0.001, sam: {rho: 0.05}}"]),
+    ("AugMix with its JSD loss", ["stages.0.augmix={jsd: true}"]),
 ]
 
 

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from fasttricks.atomic import atomic_path  # noqa: E402
-from fasttricks.augment.heavy import HeavyAugmentation, seeded, step_seed  # noqa: E402
+from fasttricks.augment import stage_augmentation  # noqa: E402
+from fasttricks.augment.heavy import seeded, step_seed  # noqa: E402
 from fasttricks.augment.mixing import one_hot  # noqa: E402
 from fasttricks.data.beton import read_manifest  # noqa: E402
 from fasttricks.data.loader import TrainLoader, beton_paths  # noqa: E402
@@ -36,8 +37,9 @@ def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.Path
     if not 0 <= stage < len(recipe.stages):
         raise ValueError(f"--stage must be in 0..{len(recipe.stages) - 1}, not {stage}")
     cfg = recipe.stages[stage]
-    if cfg.augment is None and cfg.mixing is None:
-        with_aug = [i for i, s in enumerate(recipe.stages) if s.augment is not None or s.mixing is not None]
+    if cfg.augment is None and cfg.augmix is None and cfg.mixing is None:
+        with_aug = [i for i, s in enumerate(recipe.stages)
+                    if s.augment is not None or s.augmix is not None or s.mixing is not None]
         hint = (f"; stage(s) {', '.join(map(str, with_aug))} have: --stage {with_aug[0]}" if with_aug
                 else "; choose a recipe that has, e.g. pipelines/table1/5-heavy-aug-fcutmix.yaml")
         raise ValueError(f"{recipe.name} stage {stage} ({cfg.name!r}) has no augmentation or mixing: both rows of "
@@ -48,9 +50,10 @@ def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.Path
     loader = TrainLoader(paths["train"], batch_size=n, resolution=res, seed=recipe.seed, device=device,
                          workers=recipe.data.workers, scale=recipe.data.crop_scale, ratio=recipe.data.crop_ratio)
     images, labels = next(iter(loader.epoch(0, res)))
-    augment = HeavyAugmentation(cfg.augment).to(device) if cfg.augment else None
     with seeded(step_seed(recipe.seed, 0, 0), device):
-        after, targets = augment_and_mix(images, labels, cfg, augment, len(classes))
+        after, targets = augment_and_mix(images, labels, cfg, stage_augmentation(cfg, device), len(classes))
+    if after.shape[0] == 3 * n:  # AugMix with its JSD loss: clean, view 1, view 2; show view 1
+        after = after[n:2 * n]
     targets = one_hot(targets, len(classes))
     fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4.4), squeeze=False)
     for col in range(n):
