@@ -425,9 +425,20 @@ class Recipe(Strict):
     logging: LoggingConfig = LoggingConfig()
     paper: dict[str, float] = Field(default_factory=dict, description="the paper's figures for this recipe "
                                     "(shown beside ours by `fasttricks ablate`)")
+    start: Literal["scratch", "trained"] = Field(
+        "scratch", description="trained: the recipe fine-tunes a trained model (Table 1, winner-resnet50) and "
+        "refuses to run from random weights: give model.weights, model.pretrained or the first stage's weights")
     toy_override: str | None = Field(None, description="the override (relative to pipelines/) that makes this "
                                      "recipe run on the toy set on a CPU in minutes; `train --data toy` applies it "
                                      "when no --override is given. None: overrides/toy.yaml")
+
+    def check_start(self) -> None:
+        """A fine-tuning recipe without a model to fine-tune would train from random weights and
+        report a result that means nothing; refuse it before any folder is written."""
+        if self.start == "trained" and not (self.model.weights or self.model.pretrained or self.stages[0].weights):
+            raise RecipeError(f"recipe {self.name} fine-tunes a trained model: give it with --set model.weights=FILE "
+                              f"(ours, timm's or a robustness checkpoint), --set model.pretrained=TAG, or "
+                              f"--set start=scratch to train from random weights on purpose")
 
     def stage_starts(self) -> list[int]:
         """Epochs of the whole run before each stage (the x of its first epoch is this plus one)."""

@@ -140,6 +140,7 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     """
     out, device = Path(out), device or default_device()
     rank, world = dist_info()
+    recipe.check_start()
     paths = beton_paths(data_dir)
     train_manifest = checked_manifests(data_dir)["train"]
     classes = train_manifest["classes"]

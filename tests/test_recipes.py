@@ -1,6 +1,6 @@
 import pytest
 
-from fasttricks.recipes import PIPELINES, RecipeError, load_recipe, merge, parse_set
+from fasttricks.recipes import PIPELINES, RecipeError, load_recipe, merge, parse_set, toy_override
 
 TOY = PIPELINES / "overrides" / "toy.yaml"
 
@@ -12,8 +12,10 @@ RECIPES = sorted(p for p in PIPELINES.rglob("*.yaml") if p.parent.name != "overr
 def test_every_shipped_recipe_is_valid_alone_and_with_the_toy_override(path):
     recipe = load_recipe(path)
     assert recipe.stages
-    toy = load_recipe(path, [TOY])
-    assert toy.model.arch == "test_efficientnet" and all(s.batch_size == 64 for s in toy.stages)
+    for override in {TOY, toy_override(recipe)}:  # the one ablate's README commands give, and train --data toy's
+        toy = load_recipe(path, [override])
+        assert toy.model.arch == "test_efficientnet" and toy.model.pretrained is None  # tiny, never downloads
+        assert all(s.batch_size == 64 for s in toy.stages)
 
 
 def test_set_addresses_nested_keys_list_items_and_every_item():

@@ -123,8 +123,9 @@ def test_an_ema_stage_ends_with_the_ema_weights_and_resumes_exactly(toy_data, tm
 
 
 def test_ablate_runs_a_folder_and_tabulates_it_like_the_paper(toy_data, tmp_path):
-    sets = ["model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40", "data.val_batch_size=200",
-            "stages.0.epochs=3", "stages.0.batch_size=64", "stages.0.resolution={min: 32, max: 32}"]
+    sets = ["start=scratch", "model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40",
+            "data.val_batch_size=200", "stages.0.epochs=3", "stages.0.batch_size=64",
+            "stages.0.resolution={min: 32, max: 32}"]
     result = ablate(PIPELINES / "table1", toy_data, tmp_path, sets=sets)
     assert [r["recipe"] for r in result["rows"]] == ["1-baseline", "2-heavy-aug", "3-cutmix", "4-fcutmix",
                                                      "5-heavy-aug-fcutmix", "6-fixres", "7-wa"]
@@ -142,6 +143,15 @@ def test_ablate_runs_a_folder_and_tabulates_it_like_the_paper(toy_data, tmp_path
     assert (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns == stamp
 
 
+def test_a_fine_tuning_recipe_without_a_model_to_fine_tune_is_refused_before_any_file(toy_data, tmp_path):
+    from fasttricks.recipes import RecipeError
+
+    for name in ("table1/1-baseline", "winner-resnet50"):
+        with pytest.raises(RecipeError, match=r"fine-tunes a trained model.*model.weights=FILE.*start=scratch"):
+            train(load_recipe(name, ["overrides/toy-finetune"]), toy_data, tmp_path / "r", show_progress=False)
+        assert not (tmp_path / "r").exists()
+
+
 def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_first(toy_data, tmp_path):
     folder = tmp_path / "table"
     folder.mkdir()
@@ -149,9 +159,9 @@ def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_
         shutil.copy(PIPELINES / "table1" / name, folder / name)
     base_text = (PIPELINES / "table1" / "_finetune.yaml").read_text()
     (folder / "_finetune.yaml").write_text(base_text.replace("../baseline.yaml", str(PIPELINES / "baseline.yaml")))
-    sets = ["model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40", "data.val_batch_size=200",
-            "stages.0.epochs=1", "stages.0.batch_size=64", "stages.0.resolution={min: 32, max: 32}",
-            "stages.0.optimizer.lr=1e-2"]
+    sets = ["start=scratch", "model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40",
+            "data.val_batch_size=200", "stages.0.epochs=1", "stages.0.batch_size=64",
+            "stages.0.resolution={min: 32, max: 32}", "stages.0.optimizer.lr=1e-2"]
     result = ablate(folder, toy_data, tmp_path / "out", sets=sets, seeds=2)
     base, fc = result["rows"]
     for row in (base, fc):
