@@ -52,15 +52,16 @@ def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Cla
     given (a trained model's recorded ones), else with its pretrained config's."""
     kwargs = {k: v for k, v in (("drop_rate", cfg.drop_rate), ("drop_path_rate", cfg.drop_path_rate))
               if v is not None}
+    tagged = cfg.pretrained_name()
     try:
-        net = _pretrained(cfg, num_classes, kwargs) if cfg.pretrained_name() else \
+        net = _pretrained(cfg, tagged, num_classes, kwargs) if tagged else \
             timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
-            raise ValueError(f"model.arch / model.pretrained: timm has no model {cfg.pretrained_name() or cfg.arch!r} "
+            raise ValueError(f"model.arch / model.pretrained: timm has no model {tagged or cfg.arch!r} "
                              f"(see timm.list_models() and timm.list_pretrained())") from None
         raise
-    if cfg.weights and not cfg.pretrained_name():
+    if cfg.weights and not tagged:  # with a tag, timm has read the file already
         load_weights(net, cfg.weights)
     pretrained = getattr(net, "pretrained_cfg", {}) or {}
     return Classifier(net, mean or pretrained.get("mean", IMAGENET_MEAN), std or pretrained.get("std", IMAGENET_STD))
@@ -70,11 +71,10 @@ class PretrainedUnavailable(WeightsError):
     """Pretrained weights that are neither in the Hugging Face cache nor downloadable."""
 
 
-def _pretrained(cfg: ModelConfig, num_classes: int, kwargs: dict) -> nn.Module:
-    """timm's own loading of ``cfg.pretrained``: the hub and its cache, or the local file
+def _pretrained(cfg: ModelConfig, name: str, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm's own loading of the tagged model ``name``: the hub and its cache, or the local file
     ``cfg.weights`` through ``pretrained_cfg_overlay`` (timm then adapts the classifier and any
     stem change as it would for downloaded weights, and reads the file with weights_only=True)."""
-    name = cfg.pretrained_name()
     overlay = None
     if cfg.weights:
         path = weights_file(cfg.weights)

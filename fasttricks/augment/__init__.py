@@ -6,15 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fasttricks.augment.augmix import AugMix
+from fasttricks.augment.heavy import HeavyAugmentation
 from fasttricks.recipes import StageConfig
 
 
 def stage_augmentation(stage: StageConfig, device: torch.device, compile: bool = False) -> nn.Module | None:
     """The stage's on-device augmentation, before mixing: heavy augmentation (compiled when asked),
     then AugMix (eager: its Gamma draws stay outside the compiled graph). None when it has neither."""
-    from fasttricks.augment.augmix import AugMix
-    from fasttricks.augment.heavy import HeavyAugmentation
-
     parts = []
     if stage.augment:
         heavy = HeavyAugmentation(stage.augment).to(device)

@@ -78,7 +78,7 @@ def augmix(images: torch.Tensor, draws: Draws) -> torch.Tensor:
 
 def apply_ops(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """Image i gets ``OPS[op[i]]`` at ``level[i]`` (and ``sign[i]``)."""
-    out = torch.where(_is(op, GEOMETRIC), warp(x, affine_for(op, level, sign, x.shape[-2:])), x)
+    out = torch.where(_is(op, *GEOMETRIC).view(-1, 1, 1, 1), warp(x, affine_for(op, level, sign, x.shape[-2:])), x)
     steps = level.mul(0.1)  # the level as a fraction of its maximum (AugMix's 0-10 scale)
     bits = 4 - (steps * 4).trunc()  # AugMix: 4 - int_parameter(level, 4)
     threshold = (256 - (steps * 256).trunc()) / 255  # 256 - int_parameter(level, 256), 8-bit scale
@@ -86,7 +86,7 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, level: torch.Tensor, sign: torc
              "posterize": kornia.enhance.posterize(x, bits.to(torch.uint8)),
              "solarize": torch.where(x >= threshold.view(-1, 1, 1, 1), 1 - x, x)}
     for name, value in pixel.items():
-        out = torch.where(_is(op, (name,)), value, out)
+        out = torch.where(_is(op, name).view(-1, 1, 1, 1), value, out)
     return out
 
 
@@ -119,7 +119,7 @@ def affine_for(op: torch.Tensor, level: torch.Tensor, sign: torch.Tensor, size: 
     }
     matrix = torch.stack((one, zero, zero, zero, one, zero), 1)
     for name, row in rows.items():
-        matrix = torch.where(_is(op, (name,)).view(-1, 1), torch.stack(row, 1), matrix)
+        matrix = torch.where(_is(op, name).view(-1, 1), torch.stack(row, 1), matrix)
     return matrix.view(-1, 2, 3)
 
 
@@ -134,11 +134,13 @@ def warp(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid.view(-1, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _is(op: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-    hit = torch.zeros_like(op, dtype=torch.bool)
-    for name in names:
+def _is(op: torch.Tensor, *names: str) -> torch.Tensor:
+    """(B,) bool: which images drew one of ``names`` (comparisons with Python ints: a tensor of
+    indices would be a host-to-device copy, which waits on CUDA)."""
+    hit = op == OPS.index(names[0])
+    for name in names[1:]:
         hit = hit | (op == OPS.index(name))
-    return hit.view(-1, 1, 1, 1) if op.dim() == 1 else hit
+    return hit
 
 
 class AugMix(nn.Module):

@@ -52,7 +52,7 @@ def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.Path
     images, labels = next(iter(loader.epoch(0, res)))
     with seeded(step_seed(recipe.seed, 0, 0), device):
         after, targets = augment_and_mix(images, labels, cfg, stage_augmentation(cfg, device), len(classes))
-    if after.shape[0] == 3 * n:  # AugMix with its JSD loss: clean, view 1, view 2; show view 1
+    if cfg.augmix is not None and cfg.augmix.jsd:  # clean, view 1, view 2: show view 1
         after = after[n:2 * n]
     targets = one_hot(targets, len(classes))
     fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4.4), squeeze=False)
