@@ -26,7 +26,7 @@ find_py312() {
 PY312=$(find_py312)
 # pinned as CI pins them (a few are source-only: pip builds their pure-Python wheels)
 PACKAGES=(kornia kornia_rs pydantic pydantic_core annotated-types typing-inspection robustness pytorch_optimizer
-          albumentations albucore simsimd stringzilla assertpy terminaltables fastargs)
+          albumentations qudida assertpy terminaltables fastargs)
 pin() { grep -i -m1 "^$(echo "$1" | sed 's/[-_]/[-_]/g')==" constraints.txt || { echo "gpu_bundle: $1 not in constraints.txt" >&2; exit 2; }; }
 
 WORK=$(mktemp -d)

@@ -58,6 +58,8 @@ def tricks(recipe: Recipe) -> dict[str, str]:
         else "",
         "FixRes": tick if recipe.fixres is not None else "",
         "WA": tick if any_stage(lambda s: s.average is not None) else "",
+        "SAM": tick if any_stage(lambda s: s.optimizer.sam is not None) else "",
+        "AugMix": tick if any_stage(lambda s: s.augmix is not None) else "",
     }
 
 

@@ -90,6 +90,9 @@ class DataConfig(Strict):
     val_batch_size: int = Field(256, ge=1)
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop area range (torchvision)")
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
+    pixel_scale: float = Field(1.0, gt=0, description="multiplies the heavy augmentation's sizes in pixels (elastic "
+                               "alpha, sigma, alpha_affine; cutout's holes): 1 for ImageNet-sized crops, as "
+                               "albumentations' defaults assume; the toy overrides set 0.25 (56 px against 224)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -177,19 +180,22 @@ class Op(Strict):
     p: float = Field(0.5, ge=0, le=1, description="per-image probability (albumentations' default 0.5)")
 
 
-class ShiftConfig(Op):
-    limit: float = Field(0.0625, ge=0, lt=1, description="max shift, fraction of the side (ShiftScaleRotate)")
-
-
-class RotateConfig(Op):
-    limit: float = Field(45, ge=0, le=180, description="max angle in degrees (ShiftScaleRotate)")
+# Each op's defaults are albumentations 1.2.1's (July 2022, the release current while the 2022
+# entries were trained; 1.3.0 of September 2022 has the same defaults and code for these ops).
+# Sizes in pixels are albumentations' pixels, multiplied by data.pixel_scale.
+class ShiftScaleRotateConfig(Op):
+    shift: float = Field(0.0625, ge=0, lt=1, description="max shift in x and in y (drawn apart), fraction of the "
+                         "side (ShiftScaleRotate shift_limit)")
+    scale: float = Field(0.1, ge=0, lt=1, description="zoom drawn in 1 ± scale (scale_limit)")
+    rotate: float = Field(45, ge=0, le=180, description="max angle in degrees (rotate_limit)")
 
 
 class ElasticConfig(Op):
-    alpha: float = Field(1.0, ge=0, description="Kornia's alpha: displacement in normalised coordinates "
-                         "(ours: ~3 px at 224 with sigma 6)")
-    sigma: float = Field(6.0, gt=0, description="smoothing of the displacement field, in pixels")
-    kernel_size: int = Field(33, ge=3, description="odd")
+    alpha: float = Field(1.0, ge=0, description="displacement field scale, px (ElasticTransform alpha)")
+    sigma: float = Field(50.0, gt=0, description="its Gaussian smoothing, px (sigma); at alpha 1, sigma 50 the "
+                         "field moves pixels by less than 0.01 px, as albumentations' does")
+    alpha_affine: float = Field(50.0, ge=0, description="the random affine first: three points of the central "
+                                "square each moved by U(±alpha_affine) px (alpha_affine); the default's main effect")
 
 
 class BrightnessContrastConfig(Op):
@@ -198,12 +204,23 @@ class BrightnessContrastConfig(Op):
 
 
 class MotionBlurConfig(Op):
-    kernel: tuple[int, int] = Field((3, 7), description="odd kernel sizes (MotionBlur blur_limit=7)")
+    kernel: tuple[int, int] = Field((3, 7), description="odd kernel sizes, one drawn per image (MotionBlur "
+                                    "blur_limit=7); at most 11 (the line kernels are a table drawn by OpenCV)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        lo, hi = self.kernel
+        if not 3 <= lo <= hi <= 11:
+            raise ValueError(f"motion_blur.kernel {list(self.kernel)}: need 3 <= min <= max <= 11")
+        return self
 
 
 class CutoutConfig(Op):
-    scale: Range = Field((0.02, 0.33), description="erased area fraction (random erasing)")
-    ratio: Range = Field((0.3, 3.3), description="erased box aspect ratio")
+    num_holes: int = Field(8, ge=1, description="square holes per image (Cutout num_holes)")
+    max_h_size: int = Field(8, ge=1, description="hole height, px (max_h_size; Cutout's holes all have it, "
+                            "but at the image's bottom edge)")
+    max_w_size: int = Field(8, ge=1, description="hole width, px (max_w_size)")
+    fill_value: float = Field(0.0, ge=0, le=1, description="the holes' value, in [0, 1]")
 
 
 class GaussNoiseConfig(Op):
@@ -216,16 +233,24 @@ class ISONoiseConfig(Op):
 
 
 class AugmentConfig(Strict):
-    """The paper's heavy augmentation, after albumentations 1.x and its defaults; p: 0 turns an op off."""
+    """The paper's heavy augmentation, each op as albumentations 1.2.1 has it, with its defaults;
+    p: 0 turns an op off."""
 
-    shift: ShiftConfig = ShiftConfig()
-    rotate: RotateConfig = RotateConfig()
+    shift_scale_rotate: ShiftScaleRotateConfig = ShiftScaleRotateConfig()
     elastic: ElasticConfig = ElasticConfig()
     brightness_contrast: BrightnessContrastConfig = BrightnessContrastConfig()
     motion_blur: MotionBlurConfig = MotionBlurConfig()
     cutout: CutoutConfig = CutoutConfig()
     gauss_noise: GaussNoiseConfig = GaussNoiseConfig()
     iso_noise: ISONoiseConfig = ISONoiseConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"shift", "rotate"} & data.keys():
+            raise ValueError("augment.shift and augment.rotate are now one op with one coin, as albumentations' "
+                             "ShiftScaleRotate: augment.shift_scale_rotate: {p, shift, scale, rotate}")
+        return data
 
 
 class AugMixConfig(Strict):

@@ -303,7 +303,8 @@ def _average_stage(run: Run, s: int, stage: StageConfig, ema: timm.utils.ModelEm
 
 def _augmentation(run: Run, stage: StageConfig) -> nn.Module | None:
     """The stage's augmentation, its heavy part compiled where the model is."""
-    return stage_augmentation(stage, run.device, compile_enabled(run.recipe.model.compile, run.device))
+    return stage_augmentation(stage, run.device, compile_enabled(run.recipe.model.compile, run.device),
+                              run.recipe.data.pixel_scale)
 
 
 def _criterion(stage: StageConfig) -> nn.Module:

@@ -58,11 +58,10 @@ def test_cuda_training_steps_of_each_kind_never_sync(toy_data, tmp_path, monkeyp
 
 @pytest.mark.parametrize("p", [0.5, 1.0])
 def test_the_heavy_augmentation_dispatches_no_syncing_operator(p):
-    from fasttricks.augment.heavy import HeavyAugmentation
+    from fasttricks.augment.heavy import OPS, HeavyAugmentation
     from fasttricks.recipes import AugmentConfig
 
-    ops = ("shift", "rotate", "elastic", "brightness_contrast", "motion_blur", "cutout", "gauss_noise", "iso_noise")
-    augment = HeavyAugmentation(AugmentConfig(**{op: {"p": p} for op in ops}))
+    augment = HeavyAugmentation(AugmentConfig(**{op: {"p": p} for op in OPS}))
     with no_host_sync():
         out = augment(torch.rand(9, 3, 32, 32))  # B·p = 4.5 at p = 0.5: the coin for the fifth image
     assert out.shape == (9, 3, 32, 32)

@@ -128,17 +128,20 @@ def test_ablate_runs_a_folder_and_tabulates_it_like_the_paper(toy_data, tmp_path
             "stages.0.resolution={min: 32, max: 32}"]
     result = ablate(PIPELINES / "table1", toy_data, tmp_path, sets=sets)
     assert [r["recipe"] for r in result["rows"]] == ["1-baseline", "2-heavy-aug", "3-cutmix", "4-fcutmix",
-                                                     "5-heavy-aug-fcutmix", "6-fixres", "7-wa"]
+                                                     "5-heavy-aug-fcutmix", "6-fixres", "7-wa", "8-sam", "9-augmix"]
     table = (tmp_path / "ablation.md").read_text().splitlines()
     assert table[0].split(" | ")[:2] == ["| recipe", "paper: public_behavior"]
-    assert table[-1].startswith("| 7-wa | 0.5563 |") and table[-1].count("✓") == 4  # aug, F-CutMix, FixRes, WA
+    assert table[0].split(" | ")[-4:-2] == ["SAM", "AugMix"]  # the trick columns, then val and val_clutter
+    assert table[-3].startswith("| 7-wa | 0.5563 |") and table[-3].count("✓") == 4  # aug, F-CutMix, FixRes, WA
+    assert table[-2].startswith("| 8-sam |  |") and table[-2].count("✓") == 3  # row 5's two, and SAM
     assert table[2].startswith("| 1-baseline | 0.5133 |") and "✓" not in table[2]
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][6]["tricks"]["WA"] == "✓"
+    assert table[-1].startswith("| 9-augmix |  |") and table[-1].count("✓") == 3
     stamp = (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns
     ablate(PIPELINES / "table1", toy_data, tmp_path, sets=sets)  # finished rows are read back
     assert (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns == stamp
     # another --set on the same --out: refused before any training, naming the rows; nothing replaced
-    with pytest.raises(RunFolderError, match=r"7 row\(s\) already hold runs of another recipe.*1-baseline"):
+    with pytest.raises(RunFolderError, match=r"9 row\(s\) already hold runs of another recipe.*1-baseline"):
         ablate("table1", toy_data, tmp_path, sets=[*sets, "stages.0.optimizer.lr=0.01"])
     assert (tmp_path / "7-wa" / "summary.json").stat().st_mtime_ns == stamp
 

@@ -11,12 +11,14 @@ from fasttricks.augment.heavy import HeavyAugmentation
 from fasttricks.recipes import StageConfig
 
 
-def stage_augmentation(stage: StageConfig, device: torch.device, compile: bool = False) -> nn.Module | None:
-    """The stage's on-device augmentation, before mixing: heavy augmentation (compiled when asked),
-    then AugMix (eager: its Gamma draws stay outside the compiled graph). None when it has neither."""
+def stage_augmentation(stage: StageConfig, device: torch.device, compile: bool = False,
+                       pixel_scale: float = 1.0) -> nn.Module | None:
+    """The stage's on-device augmentation, before mixing: heavy augmentation (compiled when asked;
+    its sizes in pixels times ``pixel_scale``), then AugMix (eager: its Gamma draws stay outside the
+    compiled graph). None when it has neither."""
     parts = []
     if stage.augment:
-        heavy = HeavyAugmentation(stage.augment).to(device)
+        heavy = HeavyAugmentation(stage.augment, pixel_scale).to(device)
         parts.append(heavy.compiled() if compile else heavy)
     if stage.augmix:
         parts.append(AugMix(stage.augmix))

@@ -51,7 +51,8 @@ def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.Path
                          workers=recipe.data.workers, scale=recipe.data.crop_scale, ratio=recipe.data.crop_ratio)
     images, labels = next(iter(loader.epoch(0, res)))
     with seeded(step_seed(recipe.seed, 0, 0), device):
-        after, targets = augment_and_mix(images, labels, cfg, stage_augmentation(cfg, device), len(classes))
+        augment = stage_augmentation(cfg, device, pixel_scale=recipe.data.pixel_scale)
+        after, targets = augment_and_mix(images, labels, cfg, augment, len(classes))
     if cfg.augmix is not None and cfg.augmix.jsd:  # clean, view 1, view 2: show view 1
         after = after[n:2 * n]
     targets = one_hot(targets, len(classes))
