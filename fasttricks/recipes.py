@@ -180,8 +180,8 @@ class Op(Strict):
     p: float = Field(0.5, ge=0, le=1, description="per-image probability (albumentations' default 0.5)")
 
 
-# Each op's defaults are albumentations 1.2.1's (July 2022, the release current while the 2022
-# entries were trained; 1.3.0 of September 2022 has the same defaults and code for these ops).
+# Each op's defaults are albumentations 1.2.1's (July 2022, the release current in mid-2022;
+# 1.3.0 of September 2022 has the same defaults and code for these ops).
 # Sizes in pixels are albumentations' pixels, multiplied by data.pixel_scale.
 class ShiftScaleRotateConfig(Op):
     shift: float = Field(0.0625, ge=0, lt=1, description="max shift in x and in y (drawn apart), fraction of the "

@@ -1,7 +1,7 @@
 """The paper's "heavy augmentation" on a whole batch on the device: shift, scale and rotation,
 elastic deformation, brightness and contrast, motion blur, cutout, Gaussian noise and ISO noise.
-Each op is albumentations 1.2.1's (July 2022; the paper cites albumentations, and 1.3.0 of
-September 2022 has the same code and defaults for these ops) with its defaults, its own per-image
+Each op is albumentations 1.2.1's (July 2022, current in mid-2022; the paper cites albumentations,
+and 1.3.0 of September 2022 has the same code and defaults for these ops) with its defaults, its own per-image
 probability and per-image parameters: ShiftScaleRotate, ElasticTransform, RandomBrightnessContrast,
 MotionBlur, Cutout, GaussNoise, ISONoise. tests/test_heavy.py runs albumentations 1.2.1 itself,
 per image on the CPU, against each op. Images are float in [0, 1] in and out; albumentations'
