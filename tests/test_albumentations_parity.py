@@ -71,10 +71,11 @@ STORED = {"shift_scale_rotate": np.round, "elastic": np.round, "motion_blur": np
           "brightness_contrast": np.floor, "gauss_noise": np.floor, "iso_noise": np.floor}
 
 
-def ours(op: str, **settings) -> np.ndarray:
+def ours(op: str, pixel_scale: float = 1.0, **settings) -> np.ndarray:
+    """Our ``op`` alone at p = 1 on the photos, stored as albumentations stores its result."""
     cfg = AugmentConfig(**{name: {"p": 1.0, **settings} if name == op else {"p": 0.0} for name in OPS})
     with seeded(0, CPU):
-        out = HeavyAugmentation(cfg)(_float(photos()))
+        out = HeavyAugmentation(cfg, pixel_scale)(_float(photos()))
     # 1e-3: a level reached exactly in float arithmetic (x·255 of x = k/255) stays that level
     return STORED[op](out.permute(0, 2, 3, 1).numpy().astype(np.float64) * 255 + 1e-3).astype(np.float32)
 
@@ -216,9 +217,7 @@ def test_motion_blur_given_its_kernel_is_albumentations_filter():
 def test_pixel_scale_shrinks_cutout_holes_as_albumentations_would_at_that_size():
     """data.pixel_scale 0.5 gives ours albumentations' holes of 4 px: the toy overrides' way to keep
     albumentations' pixel sizes in proportion on small images."""
-    cfg = AugmentConfig(**{name: {"p": 1.0} if name == "cutout" else {"p": 0.0} for name in OPS})
-    with seeded(0, CPU):
-        out = HeavyAugmentation(cfg, pixel_scale=0.5)(_float(photos())).permute(0, 2, 3, 1).numpy() * 255
+    out = ours("cutout", pixel_scale=0.5)
     reference = theirs(A.Cutout(max_h_size=4, max_w_size=4, p=1))
     erased = STATISTICS["erased fraction"]
     inp = photos().astype(np.float32)
