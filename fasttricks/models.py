@@ -194,7 +194,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
         if dropped:
             console.print(f"[yellow]{path}: its classifier ({state[dropped[0]].shape[0]} outputs) does not fit this "
                           f"model's {own[dropped[0]].shape[0]} classes and is not loaded: the classifier starts from "
-                          f"random weights (fine-tuning to other classes)")
+                          f"random weights (fine-tuning to other classes)", soft_wrap=True)  # (paths stay whole)
         for k in dropped:
             del state[k]
     missing = [k for k in own if k not in state and not (classifier and k.startswith(classifier + "."))]

@@ -150,7 +150,7 @@ def recipe_for_train(name: str | None, overrides: list, sets: list[str], *, out:
     if toy and not overrides:
         overrides = [recipes.toy_override(recipes.load_recipe(name))]
         console.print(f"--data toy: applying {overrides[0]} (a tiny model and budget for a CPU; "
-                      f"--no-toy-settings trains the recipe as written)")
+                      f"--no-toy-settings trains the recipe as written)", soft_wrap=True)
     recipe = recipes.load_recipe(name, overrides, sets)
     return recipe, out or Path("runs") / recipe.name
 
