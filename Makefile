@@ -14,7 +14,7 @@ demo: $(STAMP)
 		--out runs/demo --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=12
 
 setup: $(STAMP)
 

@@ -286,7 +286,10 @@ def fixres_cmd(
     sizes: Annotated[str | None, typer.Option(
         help="test crops START:STOP:STEP (stop included, resized at the training ratio) and/or RESIZE/CROP pairs, "
         "comma-separated: 224:416:16,324/288; default crops 0.8-1.75x the training test crop")] = None,
-    metric: Annotated[str, typer.Option(help="the split whose top-1 picks the size: val or val_clutter")] = "val",
+    metric: Annotated[str, typer.Option(
+        help="what picks the size: val or val_clutter (that split's top-1), or brainscore:BENCHMARK, e.g. "
+        "brainscore:Rajalingham2018public-i2n (the model exported and scored at each size; needs the "
+        "benchmark's data)")] = "val",
     held_out: Annotated[bool, typer.Option(
         help="pick on the even-numbered half of each split and report the chosen size on the odd half")] = True,
     out: Annotated[Path | None, typer.Option(help="folder for fixres.csv/png; default: beside the weights")] = None,
@@ -298,11 +301,12 @@ def fixres_cmd(
 
     from fasttricks.data.sources import resolve_data
     from fasttricks.devices import default_device
-    from fasttricks.fixres import fixres_command
+    from fasttricks.fixres import benchmark_of, fixres_command
 
-    if metric not in ("val", "val_clutter"):
-        raise ValueError(f"--metric must be val or val_clutter, not {metric!r} (a Brain-Score benchmark as the "
-                         f"metric needs its data, which this machine cannot fetch)")
+    try:
+        benchmark_of(metric)
+    except ValueError as e:
+        raise ValueError(f"--metric: {e}") from None
     result = fixres_command(weights, resolve_data(data), sizes=_sizes(sizes) if sizes else None, metric=metric,
                             held_out=held_out, batch_size=batch_size, out_dir=out,
                             device=torch.device(device) if device else default_device())

@@ -2,7 +2,8 @@
 random-resized crops sees objects larger than a centre crop at the same size shows them, so its
 best test size is larger than its training crop. We sweep test crops C with resize R = C / ratio
 (the ratio of the training-time test transform, 240/272 in the paper), save the curve (the paper's
-Figure 1) and pick the size with the best validation top-1.
+Figure 1) and pick the size with the best validation top-1, or, as the paper did, the best score on
+a Brain-Score benchmark (``brainscore:Rajalingham2018public-i2n``, the public behaviour benchmark).
 
 The optional second step of FixRes fine-tunes only the classifier and the batch-norm layers at
 the chosen size, on training images cropped so that objects appear at their test-time size.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,19 @@ from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import FixResFineTuneConfig
 
 CSV_NAME, PNG_NAME = "fixres.csv", "fixres.png"
+BRAINSCORE = "brainscore:"
+SPLITS = ("val", "val_clutter")
+
+
+def benchmark_of(metric: str) -> str | None:
+    """The Brain-Score benchmark a metric names (``brainscore:ID``), or None for a split's top-1;
+    any other metric is an error naming the choices."""
+    if metric.startswith(BRAINSCORE) and metric[len(BRAINSCORE):].strip():
+        return metric[len(BRAINSCORE):].strip()
+    if metric not in SPLITS:
+        raise ValueError(f"FixRes metric {metric!r}: expected val, val_clutter or brainscore:BENCHMARK "
+                         f"(e.g. brainscore:Rajalingham2018public-i2n)")
+    return None
 
 
 def default_sizes(crop: int) -> list[int]:
@@ -68,7 +83,8 @@ def sweep(model: nn.Module, loaders: dict[str, ValLoader], sizes: list[tuple[int
 
 
 def best(rows: list[dict], metric: str = "val_top1") -> dict:
-    """The row with the highest ``metric``; on a tie, the smallest size (cheaper to run)."""
+    """The row with the highest ``metric`` (a column of the curve); on a tie, the smallest size
+    (cheaper to run)."""
     if metric not in rows[0]:
         raise ValueError(f"fixres metric {metric!r}: the data has no such split (have: "
                          f"{', '.join(k for k in rows[0] if k.endswith('_top1'))})")
@@ -108,20 +124,27 @@ def _plot(rows: list[dict], chosen: dict, path: Path, *, train_crop: int | None,
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     crops = [r["crop"] for r in rows]
-    half = " (even half)" if "held_out" in chosen else ""
+    half = " (even half)" if "held_out" in chosen else " (all images)" if chosen.get("metric") in rows[0] else ""
     for split, style in (("val", "o-"), ("val_clutter", "s--")):
         if f"{split}_top1" in rows[0]:
             line, = ax.plot(crops, [r[f"{split}_top1"] for r in rows], style, label=split + half)
             if "held_out" in chosen:
                 ax.plot([chosen["crop"]], [chosen["held_out"][f"{split}_top1"]], "*", markersize=12,
                         color=line.get_color(), label=f"{split} at the chosen size, odd half")
+    lines = []
+    if chosen.get("metric") in rows[0]:  # a Brain-Score benchmark: its own axis
+        twin = ax.twinx()
+        lines = twin.plot(crops, [r[chosen["metric"]] for r in rows], "^-", color="tab:purple",
+                          label=chosen["metric"])
+        twin.set_ylabel("Brain-Score benchmark score")
     ax.axvline(chosen["crop"], color="tab:green", alpha=0.5,
                label=f"chosen by {chosen.get('metric', 'val')}: resize {chosen['resize']} / crop {chosen['crop']}")
     if train_crop is not None:
         ax.axvline(train_crop, color="gray", linestyle=":", label=f"training crop {train_crop}")
     ax.set(xlabel="test crop (px)", ylabel="top-1 (%)", title=title or "FixRes: accuracy against test size")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles + lines, labels + [line.get_label() for line in lines], fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -180,16 +203,34 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
 
 def choose(model: nn.Module, loaders: dict[str, ValLoader], sizes: list[tuple[int, int]], *,
            metric: str = "val", held_out: bool = True, device: torch.device, out_dir: Path,
-           train_crop: int | None, title: str, show_progress: bool = True,
-           write: bool = True) -> tuple[list[dict], dict]:
-    """Sweep, pick the size with the best ``metric`` top-1, write ``fixres.csv`` / ``fixres.png``
-    into ``out_dir`` (unless ``write`` is False: the other ranks of a run) and say which size won.
-    With ``held_out``, the curve and the choice use the even-numbered half of each split and the
-    chosen size is then measured on the odd half (``chosen["held_out"]``): the maximum of a noisy
-    curve overstates the accuracy at the size it picks. Returns (curve, chosen row)."""
-    pick, report = halves(loaders) if held_out else (loaders, None)
+           train_crop: int | None, title: str, show_progress: bool = True, write: bool = True,
+           score_size: Callable[[int, int], float] | None = None) -> tuple[list[dict], dict]:
+    """Sweep, pick the size with the best ``metric``, write ``fixres.csv`` / ``fixres.png`` into
+    ``out_dir`` (unless ``write`` is False: the other ranks of a run) and say which size won.
+    Returns (curve, chosen row).
+
+    A split's top-1 (``val``, ``val_clutter``): with ``held_out``, the curve and the choice use the
+    even-numbered half of each split and the chosen size is then measured on the odd half
+    (``chosen["held_out"]``): the maximum of a noisy curve overstates the accuracy at the size it picks.
+
+    A Brain-Score benchmark (``brainscore:ID``): ``score_size(resize, crop)`` scores the model at
+    each size and the benchmark's stimuli choose. No split takes part in the choice, so each split's
+    top-1 is measured on all of its images; the benchmark score at the chosen size is the top of
+    its own curve (Brain-Score's private benchmarks, scored on its servers, are the held-out figure)."""
+    benchmark = benchmark_of(metric)
+    if benchmark is not None and score_size is None:
+        raise ValueError(f"FixRes metric {metric}: scoring needs the model as a plugin; "
+                         f"run `fasttricks fixres RUN --metric {metric}` on the trained model")
+    split_half = held_out and benchmark is None
+    pick, report = halves(loaders) if split_half else (loaders, None)
     rows = sweep(model, pick, sizes, device=device, show_progress=show_progress)
-    chosen = dict(best(rows, f"{metric}_top1"), metric=metric, chosen_on="even half" if held_out else "all images")
+    if benchmark is not None:
+        with progress_bar(f"Brain-Score {benchmark}", len(rows), enabled=show_progress) as advance:
+            for row in rows:
+                row[metric] = score_size(row["resize"], row["crop"])
+                advance(1)
+    chosen = dict(best(rows, metric if benchmark else f"{metric}_top1"), metric=metric,
+                  chosen_on=f"benchmark {benchmark}" if benchmark else "even half" if split_half else "all images")
     if report is not None:
         for loader in report.values():
             loader.set_size(chosen["resize"], chosen["crop"])
@@ -197,16 +238,26 @@ def choose(model: nn.Module, loaders: dict[str, ValLoader], sizes: list[tuple[in
     if write:
         write_curve(rows, chosen, out_dir, train_crop=train_crop, title=title)
     if show_progress:
-        said = (f"held-out half: {metric} top-1 {chosen['held_out'][f'{metric}_top1']:.2f}%" if held_out
-                else f"{metric} top-1 {chosen[f'{metric}_top1']:.2f}%")
-        console.print(f"FixRes: best test size resize {chosen['resize']} / crop {chosen['crop']} by {metric} ({said}; "
-                      f"{out_dir / PNG_NAME})")
+        console.print(f"FixRes: best test size resize {chosen['resize']} / crop {chosen['crop']} by {metric} "
+                      f"({_said(chosen, benchmark)}; {out_dir / PNG_NAME})")
     return rows, chosen
 
 
+def _said(chosen: dict, benchmark: str | None) -> str:
+    metric = chosen["metric"]
+    if benchmark is not None:
+        return (f"score {chosen[metric]:.4f}, the top of its curve; val top-1 on every image "
+                f"{chosen['val_top1']:.2f}%")
+    if "held_out" in chosen:
+        return f"held-out half: {metric} top-1 {chosen['held_out'][f'{metric}_top1']:.2f}%"
+    return f"{metric} top-1 {chosen[f'{metric}_top1']:.2f}%"
+
+
 def choice(row: dict) -> dict:
+    """What is recorded of the chosen size; ``score`` is a Brain-Score metric's value there."""
     keep = ("crop", "resize", "metric", "chosen_on", "val_top1", "val_clutter_top1", "held_out")
-    return {k: row[k] for k in keep if k in row}
+    scored = {"score": row[row["metric"]]} if row.get("metric") in row else {}
+    return {**{k: row[k] for k in keep if k in row}, **scored}
 
 
 def summary_fields(chosen: dict) -> dict:
@@ -226,13 +277,17 @@ def fixres_command(weights: Path, data_dir: Path, *, sizes: list[int | str] | No
                    device: torch.device, out_dir: Path | None = None, workers: int = 0, metric: str = "val",
                    held_out: bool = True) -> dict:
     """``fasttricks fixres``: sweep, write the curve beside the weights (or in ``out_dir``), and when
-    the weights are a run's ``final.safetensors``, record the choice in its ``summary.json``."""
+    the weights are a run's ``final.safetensors``, record the choice in its ``summary.json``. With
+    ``brainscore:ID`` the model is exported and scored at each size (``RUN/brainscore/``); the
+    benchmark is loaded before anything is measured, so a benchmark that cannot be loaded costs nothing."""
     from fasttricks.evaluate import check_data_fits, load_classifier
     from fasttricks.models import weights_file
 
+    benchmark = benchmark_of(metric)
     weights = weights_file(weights)
     model, info = load_classifier(weights, device)
     check_data_fits(info, weights, data_dir)
+    score_size = _benchmark_scorer(weights, benchmark) if benchmark else None
     train_crop = info.get("train_val_crop", info["val_crop"])
     train_resize = info.get("train_val_resize", info["val_resize"])
     loaders = val_loaders(data_dir, resize=train_resize, crop=train_crop, batch_size=batch_size, device=device,
@@ -240,7 +295,8 @@ def fixres_command(weights: Path, data_dir: Path, *, sizes: list[int | str] | No
     out_dir = out_dir or weights.parent
     pairs = size_pairs(sizes or default_sizes(train_crop), train_crop / train_resize)
     rows, chosen = choose(model, loaders, pairs, metric=metric, held_out=held_out, device=device, out_dir=out_dir,
-                          train_crop=info.get("train_resolution"), title=f"FixRes: {weights.name}")
+                          train_crop=info.get("train_resolution"), title=f"FixRes: {weights.name}",
+                          score_size=score_size)
     result = {"weights": str(weights), "best": chosen, "curve": rows, "csv": str(out_dir / CSV_NAME),
               "png": str(out_dir / PNG_NAME)}
     summary = weights.parent / "summary.json"
@@ -253,3 +309,11 @@ def fixres_command(weights: Path, data_dir: Path, *, sizes: list[int | str] | No
         write_json(summary, data)
         result["summary"] = str(summary)
     return result
+
+
+def _benchmark_scorer(weights: Path, benchmark: str) -> Callable[[int, int], float]:
+    """score(resize, crop) on a benchmark loaded once, through the exported plugin at that size."""
+    from fasttricks.brainscore.local import load_benchmark, score
+
+    loaded = load_benchmark(benchmark)
+    return lambda resize, crop: score(weights, benchmark, size=(resize, crop), loaded=loaded)["score"]

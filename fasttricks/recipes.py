@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 def _pipelines() -> Path:
@@ -405,11 +405,24 @@ class FixResConfig(Strict):
         None, min_length=1, description="test sizes: crops (resized at the training ratio) as a list or "
         "START:STOP:STEP (stop included), and/or RESIZE/CROP pairs such as 324/288 (the 2022 entries'); None: "
         "crops from 0.8x to 1.75x the training test crop (192:416:16 for 240)")
-    metric: Literal["val", "val_clutter"] = Field("val", description="the split whose top-1 picks the size")
+    metric: str = Field("val", description="the split whose top-1 picks the size: val or val_clutter. A "
+                        "Brain-Score benchmark picks it after training: fasttricks fixres RUN --metric brainscore:ID")
     held_out: bool = Field(True, description="pick on one half of each split (even-numbered images) and report "
                            "the chosen size on the other half, so the reported figure is not the maximum of the "
                            "curve it was picked from")
     finetune: FixResFineTuneConfig | None = Field(None, description="FixRes' classifier + BN fine-tuning; None: off")
+
+    @field_validator("metric")
+    @classmethod
+    def _split_only(cls, metric: str) -> str:
+        # A benchmark in the recipe would end a long run on a download (or its failure) on every
+        # rank; after training, `fasttricks fixres` scores the saved model and can be re-run alone.
+        if metric.startswith("brainscore:"):
+            raise ValueError(f"{metric}: a Brain-Score benchmark picks the test size after training, not in "
+                             f"the recipe: fasttricks fixres RUN --metric {metric}")
+        if metric not in ("val", "val_clutter"):
+            raise ValueError(f"expected val or val_clutter, not {metric!r}")
+        return metric
 
 
 class EvaluationConfig(Strict):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import tempfile
 
-from fasttricks.data.sources import ensure_toy_data
-from fasttricks.data.toy import ToyOptions
+# brainscore's activation cache reads its folder once, when brainscore is first imported: a
+# session's scores must neither read nor leave entries in the user's ~/.result_caching.
+os.environ["RESULTCACHING_HOME"] = tempfile.mkdtemp(prefix="fasttricks-tests-result-caching-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fasttricks.data.sources import ensure_toy_data  # noqa: E402
+from fasttricks.data.toy import ToyOptions  # noqa: E402
 
 SMALL_TOY = ToyOptions(seed=0, size=48, train_per_class=40, val_per_class=10, clutter_per_class=10)
 # 400 training images are enough to test mechanics but a model only memorises them; learning
@@ -43,3 +50,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def cpu():
     return torch.device("cpu")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(os.environ["RESULTCACHING_HOME"], ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,27 @@ def test_the_export_passes_brainscores_own_plugin_checks_offline(plugin, images,
     for check in (generic.test_identifier, generic.test_visual_degrees, generic.test_start_task_or_recording,
                   generic.test_look_at_neural_V1, generic.test_look_at_behavior_probabilities):
         check(name)
+
+
+def test_a_run_trained_again_is_not_scored_on_its_cached_activations(run, tmp_path, monkeypatch):
+    """brainscore caches activations by model identifier, which names the run folder and the size;
+    the same folder trained again must not be served the first model's activations."""
+    import shutil
+
+    import brainscore_vision
+    from fake_benchmarks import ReadoutBenchmark, stimulus_set
+
+    from fasttricks.brainscore.local import score
+    from fasttricks.checkpoint import read_info
+
+    bench = ReadoutBenchmark(stimulus_set(tmp_path / "stimuli", f"fake.readout.{tmp_path.name}"))
+    monkeypatch.setattr(brainscore_vision, "load_benchmark", lambda name: bench)
+    again = shutil.copytree(run, tmp_path / "my-run", ignore=shutil.ignore_patterns("brainscore"))
+    first = score(again, "Fake.readout")["score"]
+    assert score(again, "Fake.readout")["score"] == first
+    cache = Path(os.environ["RESULTCACHING_HOME"])  # (conftest's, for the session)
+    assert any(cache.rglob(f"*stimuli_identifier=fake.readout.{tmp_path.name},*"))  # the second came from it
+    torch.manual_seed(1)  # "trained again": other weights, same run folder, same size
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10)
+    save_weights(again / "final.safetensors", model.net, read_info(run / "final.safetensors"))
+    assert score(again, "Fake.readout")["score"] != pytest.approx(first)

@@ -108,3 +108,67 @@ def test_fixres_fine_tuning_trains_only_the_classifier_and_free_batch_norms(trai
     assert not any(k.startswith(("conv_stem", "bn1.")) for k in changed)  # frozen: weights and statistics
     assert not any(k.endswith("conv.weight") or "conv_" in k for k in changed)  # convolutions untouched
     assert all(p.requires_grad == (not n.startswith(("conv_stem", "bn1."))) for n, p in model.net.named_parameters())
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the trained run: choosing by a benchmark rewrites its summary and test size."""
+    import shutil
+
+    return shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+
+
+def test_fixres_by_a_brainscore_benchmark_scores_each_size_through_its_export(run_copy, toy_data, tmp_path,
+                                                                             monkeypatch):
+    import brainscore_vision
+    from fake_benchmarks import CropBenchmark, stimulus_set
+
+    bench = CropBenchmark(stimulus_set(tmp_path / "stimuli", f"fake.crops.{tmp_path.name}"), best_crop=24)
+    loads = []
+    monkeypatch.setattr(brainscore_vision, "load_benchmark", lambda name: loads.append(name) or bench)
+    weights = run_copy / "final.safetensors"
+    result = CliRunner().invoke(app, ["fixres", str(weights), "--data", str(toy_data), "--sizes",
+                                      "28/24,48/40,64/56", "--metric", "brainscore:Fake.crops", "--batch-size", "100"])
+    assert result.exit_code == 0, result.output
+    assert loads == ["Fake.crops"]  # loaded once, scored at every size
+    assert bench.crops == [24, 40, 56]  # each export fed the network its own size
+    with open(run_copy / "fixres.csv") as f:
+        rows = list(csv.DictReader(f))
+    scores = [float(r["brainscore:Fake.crops"]) for r in rows]
+    assert scores == pytest.approx([1.0, 0.84, 0.68])
+    top1 = [float(r["val_top1"]) for r in rows]
+    assert top1[0] < max(top1)  # the benchmark, not val, made the choice
+    summary = json.loads((run_copy / "summary.json").read_text())
+    assert summary["fixres"]["metric"] == "brainscore:Fake.crops"
+    assert summary["fixres"]["chosen_on"] == "benchmark Fake.crops" and "held_out" not in summary["fixres"]
+    assert summary["fixres"]["score"] == pytest.approx(1.0) and summary["test_crop"] == 24
+    assert read_info(weights)["val_crop"] == 24
+    exports = sorted(p.name for p in (run_copy / "brainscore").iterdir() if p.is_dir())
+    assert [name.rsplit("-", 1)[1] for name in exports] == ["28x24", "48x40", "64x56"]
+    records = json.loads((run_copy / "brainscore" / "scores.json").read_text())
+    assert [r["crop"] for r in records] == [24, 40, 56]
+    assert [r["score"] for r in records] == pytest.approx(scores)
+
+
+def test_fixres_by_a_benchmark_that_cannot_load_stops_before_measuring(run_copy, toy_data, tmp_path, monkeypatch):
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # offline whatever the machine
+    monkeypatch.setenv("BRAINIO_HOME", str(tmp_path / "brainio"))
+    (run_copy / "fixres.csv").unlink(missing_ok=True)
+    before = (run_copy / "summary.json").read_text()
+    runner = CliRunner()
+    result = runner.invoke(app, ["fixres", str(run_copy), "--data", str(toy_data), "--sizes", "48/40",
+                                 "--metric", "brainscore:FreemanZiemba2013public.V1-pls"])
+    assert result.exit_code == 2, result.output
+    assert "could not score benchmark 'FreemanZiemba2013public.V1-pls'" in " ".join(result.output.split())
+    assert not (run_copy / "fixres.csv").exists() and (run_copy / "summary.json").read_text() == before
+    bad = runner.invoke(app, ["fixres", str(run_copy), "--data", str(toy_data), "--metric", "top1"])
+    assert bad.exit_code == 2 and "--metric" in bad.output and "brainscore:" in bad.output
+
+
+def test_a_recipe_cannot_choose_its_test_size_by_a_benchmark():
+    from fasttricks.recipes import FixResConfig
+
+    with pytest.raises(ValueError, match="fasttricks fixres RUN --metric brainscore:Rajalingham2018public-i2n"):
+        FixResConfig(metric="brainscore:Rajalingham2018public-i2n")
+    assert FixResConfig(metric="val_clutter").metric == "val_clutter"

@@ -92,10 +92,11 @@ def versions() -> dict[str, str]:
 
 
 def export(source: Path, out: Path, *, identifier: str | None = None, regions: list[str] = (),
-           region_map: bool = True, overwrite: bool = False) -> dict:
+           region_map: bool = True, overwrite: bool = False, size: tuple[int, int] | None = None) -> dict:
     """Write the plugin folder ``out`` (atomically: a temporary folder renamed); returns model.json.
     The region map is the default one (``layers.default_region_map``) with ``regions`` over it;
-    ``region_map=False`` writes none, leaving layer selection to Brain-Score (which needs its data)."""
+    ``region_map=False`` writes none, leaving layer selection to Brain-Score (which needs its data).
+    ``size`` (resize, crop) sets the test size; default: the model's (FixRes' choice when it made one)."""
     weights, summary = find_weights(source)
     try:
         info = read_info(weights)
@@ -105,7 +106,8 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
         raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
     net = _network(info)
     layers = candidate_layers(net)
-    resize, crop = info["val_resize"], info["val_crop"]  # FixRes' choice when the run made one
+    resize, crop = size or (info["val_resize"], info["val_crop"])
+    info = {**info, "val_resize": resize, "val_crop": crop}  # (the metadata names the exported size)
     name = identifier_for(info, run_folder(source).resolve().name, resize, crop, identifier)
     config = {"identifier": name, "arch": info["arch"], "num_classes": info["num_classes"], "weights": WEIGHTS_NAME,
               "weights_sha1": sha1(weights), "resize": resize, "crop": crop, "mean": info["mean"], "std": info["std"],
@@ -156,13 +158,23 @@ def sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem allows one: a FixRes sweep by a benchmark exports the same
+    weights once per test size. Safe because weights files are only ever replaced by a rename
+    (``atomic``), never rewritten in place, so a link keeps the bytes it was made with."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _write_folder(out: Path, config: dict, weights: Path, region_map: dict, overwrite: bool,
                   meta: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         name = config["identifier"]
-        shutil.copyfile(weights, tmp / WEIGHTS_NAME)
+        _link_or_copy(weights, tmp / WEIGHTS_NAME)
         shutil.copyfile(PLUGIN_MODEL, tmp / "model.py")
         (tmp / "model.json").write_text(json.dumps(config, indent=1) + "\n")
         (tmp / "__init__.py").write_text(_INIT.format(name=name))

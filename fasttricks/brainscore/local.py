@@ -28,21 +28,24 @@ class BrainScoreError(RuntimeError):
     """Scoring could not run; the message says what is missing and where it goes."""
 
 
-def plugin_for(source: Path, regions: list[str] = ()) -> Path:
+def plugin_for(source: Path, regions: list[str] = (), size: tuple[int, int] | None = None) -> Path:
     """The plugin folder of a run (exported on first use, and again when ``regions`` are given),
-    or ``source`` itself when it is one."""
+    or ``source`` itself when it is one. ``size`` (resize, crop) exports at that test size, into a
+    folder of its own (the identifier names the size)."""
     if (source / "model.json").is_file() and (source / "__init__.py").is_file():
-        if regions:
-            raise ExportError(f"{source} is an exported plugin: give --region to `brainscore export` instead")
+        if regions or size:
+            raise ExportError(f"{source} is an exported plugin: give --region or the test size to "
+                              f"`brainscore export` instead")
         return source
     weights, _ = find_weights(source)
     info = read_info(weights)
     run = run_folder(source)
-    name = identifier_for(info, run.resolve().name, info["val_resize"], info["val_crop"])
+    resize, crop = size or (info["val_resize"], info["val_crop"])
+    name = identifier_for(info, run.resolve().name, resize, crop)
     folder = run / "brainscore" / name
     config = folder / "model.json"
     if regions or not (config.is_file() and json.loads(config.read_text())["weights_sha1"] == sha1(weights)):
-        export(source, folder, regions=list(regions), overwrite=True)
+        export(source, folder, regions=list(regions), overwrite=True, size=size)
     return folder
 
 
@@ -93,27 +96,51 @@ def activations(source: Path, images: list[Path], layers: list[str] | None, out:
     return {layer: list(a.shape) for layer, a in arrays.items()}
 
 
-def score(source: Path, benchmark: str, regions: list[str] = ()) -> dict:
-    """Score the exported commitment on a brainscore_vision benchmark, in this process; the result
-    is appended to ``RUN/brainscore/scores.json``."""
-    folder = plugin_for(source, regions)
-    plugin = load_plugin(folder)
-    name = plugin.CONFIG["identifier"]
+def load_benchmark(benchmark: str):
+    """The brainscore_vision benchmark, its data loaded (downloaded on first use); a clear
+    ``BrainScoreError`` when it cannot be."""
     # brainscore would otherwise `pip install` the benchmark's requirements into this environment
     # (which can change the versions this model was trained with); BS_INSTALL_DEPENDENCIES=yes restores that.
     os.environ.setdefault("BS_INSTALL_DEPENDENCIES", "no")
     try:
-        from brainscore_vision import load_benchmark
-        from brainscore_vision.model_helpers.brain_transformation import ModelCommitment
+        from brainscore_vision import load_benchmark as load
 
-        model = ModelCommitment(identifier=name, activations_model=plugin.get_model(name),
-                                layers=plugin.get_layers(name),
-                                behavioral_readout_layer=plugin.behavioral_readout_layer(name),
-                                region_layer_map=plugin.region_layer_map(name))
-        result = load_benchmark(benchmark)(model)
+        return load(benchmark)
     except Exception as e:  # brainio/boto/result_caching raise many kinds; all end here
         raise BrainScoreError(_explain(benchmark, e)) from None
-    record = {"benchmark": benchmark, "identifier": name, "score": float(np.asarray(result).ravel()[0]),
+
+
+def commitment(folder: Path):
+    """The plugin's ``ModelCommitment``. Its activations are cached (result_caching) under the
+    identifier and the weights' sha1: the identifier alone names a run folder and a size, so a
+    run trained again in the same folder would otherwise be scored on its old activations."""
+    from brainscore_vision.model_helpers.brain_transformation import ModelCommitment
+
+    plugin = load_plugin(folder)
+    name = plugin.CONFIG["identifier"]
+    wrapper = plugin.get_model(name)
+    wrapper.identifier = f"{name}-sha1-{plugin.CONFIG['weights_sha1'][:12]}"
+    return ModelCommitment(identifier=wrapper.identifier, activations_model=wrapper, layers=plugin.get_layers(name),
+                           behavioral_readout_layer=plugin.behavioral_readout_layer(name),
+                           region_layer_map=plugin.region_layer_map(name))
+
+
+def score(source: Path, benchmark: str, regions: list[str] = (), *, size: tuple[int, int] | None = None,
+          loaded=None) -> dict:
+    """Score the exported commitment on a brainscore_vision benchmark, in this process (at the test
+    ``size`` when given; ``loaded``: the benchmark object, when the caller scores several sizes);
+    the result is appended to ``RUN/brainscore/scores.json``."""
+    folder = plugin_for(source, regions, size)
+    loaded = loaded if loaded is not None else load_benchmark(benchmark)
+    try:
+        model = commitment(folder)
+        result = loaded(model)
+    except Exception as e:
+        raise BrainScoreError(_explain(benchmark, e)) from None
+    config = json.loads((folder / "model.json").read_text())
+    record = {"benchmark": benchmark, "identifier": config["identifier"], "resize": config["resize"],
+              "crop": config["crop"], "weights_sha1": config["weights_sha1"],
+              "score": float(np.asarray(result).ravel()[0]),
               "attrs": {k: _plain(v) for k, v in result.attrs.items() if not k.startswith("raw")},
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     scores = folder.parent / "scores.json"
