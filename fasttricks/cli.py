@@ -277,6 +277,13 @@ def _sizes(text: str) -> list[int]:
                           f"such as 324/288, comma-separated") from e
 
 
+def _pair(text: str) -> tuple[int, int]:
+    resize, sep, crop = text.partition("/")
+    if not (sep and resize.isdigit() and crop.isdigit() and 0 < int(crop) <= int(resize)):
+        raise ValueError(f"--size {text!r}: expected RESIZE/CROP with 0 < CROP <= RESIZE, such as 324/288")
+    return int(resize), int(crop)
+
+
 @app.command("fixres")
 @friendly
 def fixres_cmd(
@@ -390,13 +397,16 @@ def brainscore_export(
     region_map: Annotated[bool, typer.Option(
         help="write region_layer_map/ID.json (EfficientNet-B1: the 2022 winners' map; others: the same relative "
         "depths); --no-region-map leaves layer selection to Brain-Score, which needs its data")] = True,
+    size: Annotated[str | None, typer.Option(
+        help="test size RESIZE/CROP, e.g. 324/288 (the 2022 entries'); default: the model's (FixRes' choice "
+        "when it made one)")] = None,
     overwrite: bool = False,
 ):
     """Write a brainscore_vision model plugin (model.py, __init__.py, weights, requirements.txt, test.py)."""
     from fasttricks.brainscore.export import export
 
     config = export(source, out, identifier=identifier, regions=region or [], region_map=region_map,
-                    overwrite=overwrite)
+                    overwrite=overwrite, size=_pair(size) if size else None)
     console.print(f"[green]{out}[/]: {config['identifier']} · {config['arch']} · resize {config['resize']} / "
                   f"crop {config['crop']} · {len(config['layers'])} layers · read-out "
                   f"{config['behavioral_readout_layer']}")

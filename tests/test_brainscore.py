@@ -139,6 +139,23 @@ def test_identifiers_differ_between_resolutions_and_follow_fixres(run, tmp_path)
     assert first != second["identifier"] and (second["resize"], second["crop"]) == (64, 56)
 
 
+def test_export_at_a_given_size_names_it_and_feeds_the_network_at_it(run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["brainscore", "export", str(run), "--out", str(tmp_path / "p"), "--size", "56/44"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "p" / "model.json").read_text())
+    assert (config["resize"], config["crop"]) == (56, 44) and config["identifier"].endswith("-56x44")
+    assert os.path.samefile(tmp_path / "p" / "weights.safetensors", run / "final.safetensors")  # linked, not copied
+    from fasttricks.brainscore.local import load_plugin
+
+    image = tmp_path / "im.png"
+    Image.fromarray(np.zeros((70, 90, 3), dtype=np.uint8)).save(image)
+    assert load_plugin(tmp_path / "p").preprocess([image]).shape == (1, 3, 44, 44)
+    for bad in ("44/56", "324x288"):
+        refused = runner.invoke(app, ["brainscore", "export", str(run), "--out", str(tmp_path / "q"), "--size", bad])
+        assert refused.exit_code == 2 and "--size" in refused.output and not (tmp_path / "q").exists()
+
+
 def test_bad_export_options_are_errors_and_leave_nothing(run, tmp_path):
     with pytest.raises(ExportError, match="REGION=LAYER"):
         export(run, tmp_path / "x", regions=["V9=blocks.1"])
