@@ -278,10 +278,12 @@ def _sizes(text: str) -> list[int]:
 
 
 def _pair(text: str) -> tuple[int, int]:
-    resize, sep, crop = text.partition("/")
-    if not (sep and resize.isdigit() and crop.isdigit() and 0 < int(crop) <= int(resize)):
-        raise ValueError(f"--size {text!r}: expected RESIZE/CROP with 0 < CROP <= RESIZE, such as 324/288")
-    return int(resize), int(crop)
+    from fasttricks.recipes import resize_crop
+
+    try:
+        return resize_crop(text)
+    except ValueError as e:
+        raise ValueError(f"--size: {e}") from None
 
 
 @app.command("fixres")

@@ -26,11 +26,10 @@ from fasttricks.checkpoint import update_info
 from fasttricks.data.loader import ValLoader
 from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
 from fasttricks.progress import console, progress_bar
-from fasttricks.recipes import FixResFineTuneConfig
+from fasttricks.recipes import FIXRES_SPLITS, FixResFineTuneConfig, resize_crop
 
 CSV_NAME, PNG_NAME = "fixres.csv", "fixres.png"
 BRAINSCORE = "brainscore:"
-SPLITS = ("val", "val_clutter")
 
 
 def benchmark_of(metric: str) -> str | None:
@@ -38,7 +37,7 @@ def benchmark_of(metric: str) -> str | None:
     any other metric is an error naming the choices."""
     if metric.startswith(BRAINSCORE) and metric[len(BRAINSCORE):].strip():
         return metric[len(BRAINSCORE):].strip()
-    if metric not in SPLITS:
+    if metric not in FIXRES_SPLITS:
         raise ValueError(f"FixRes metric {metric!r}: expected val, val_clutter or brainscore:BENCHMARK "
                          f"(e.g. brainscore:Rajalingham2018public-i2n)")
     return None
@@ -62,7 +61,7 @@ def size_pairs(sizes: list[int | str], ratio: float) -> list[tuple[int, int]]:
     pairs = set()
     for size in sizes:
         if isinstance(size, str):
-            resize, crop = (int(v) for v in size.split("/"))
+            resize, crop = resize_crop(size)
         else:
             resize, crop = round(size / ratio), int(size)
         pairs.add((resize, crop))
@@ -124,7 +123,8 @@ def _plot(rows: list[dict], chosen: dict, path: Path, *, train_crop: int | None,
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     crops = [r["crop"] for r in rows]
-    half = " (even half)" if "held_out" in chosen else " (all images)" if chosen.get("metric") in rows[0] else ""
+    scored = chosen.get("metric") in rows[0]  # a Brain-Score benchmark: a column of its own
+    half = " (even half)" if "held_out" in chosen else " (all images)" if scored else ""
     for split, style in (("val", "o-"), ("val_clutter", "s--")):
         if f"{split}_top1" in rows[0]:
             line, = ax.plot(crops, [r[f"{split}_top1"] for r in rows], style, label=split + half)
@@ -132,7 +132,7 @@ def _plot(rows: list[dict], chosen: dict, path: Path, *, train_crop: int | None,
                 ax.plot([chosen["crop"]], [chosen["held_out"][f"{split}_top1"]], "*", markersize=12,
                         color=line.get_color(), label=f"{split} at the chosen size, odd half")
     lines = []
-    if chosen.get("metric") in rows[0]:  # a Brain-Score benchmark: its own axis
+    if scored:  # on an axis of its own
         twin = ax.twinx()
         lines = twin.plot(crops, [r[chosen["metric"]] for r in rows], "^-", color="tab:purple",
                           label=chosen["metric"])

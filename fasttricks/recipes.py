@@ -356,6 +356,17 @@ class StageConfig(Strict):
         return list(range(self.epochs - self.average.last + 1, self.epochs + 1))
 
 
+def resize_crop(text: str) -> tuple[int, int]:
+    """``"324/288"`` as (resize, crop), with 8 <= crop <= resize."""
+    try:
+        resize, crop = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"expected RESIZE/CROP such as 324/288, not {text!r}") from None
+    if not 8 <= crop <= resize:
+        raise ValueError(f"{text!r}: need 8 <= CROP <= RESIZE")
+    return resize, crop
+
+
 def _size_range(value: Any) -> Any:
     """Test sizes as written on the command line or in a recipe: ``"224:416:16"`` (crops 224, 240,
     ..., 416, the stop included, resized at the training ratio), ``"324/288"`` (resize/crop pairs),
@@ -376,11 +387,9 @@ def _size_range(value: Any) -> Any:
             out += list(range(start, stop + 1, step))
         elif isinstance(item, str) and "/" in item:
             try:
-                resize, crop = (int(v) for v in item.split("/"))
-            except ValueError:
-                raise ValueError(f"sizes: expected RESIZE/CROP such as 324/288, not {item!r}") from None
-            if not 8 <= crop <= resize:
-                raise ValueError(f"sizes {item!r}: need 8 <= CROP <= RESIZE")
+                resize, crop = resize_crop(item)
+            except ValueError as e:
+                raise ValueError(f"sizes: {e}") from None
             out.append(f"{resize}/{crop}")
         else:
             out.append(int(item))
@@ -396,6 +405,9 @@ class FixResFineTuneConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="Adam, constant")
 
 
+FIXRES_SPLITS = ("val", "val_clutter")  # the splits whose top-1 can pick the FixRes test size
+
+
 class FixResConfig(Strict):
     """After training: accuracy at each test crop (resize keeps the training crop/resize ratio),
     the curve saved as fixres.csv / fixres.png, the best size used for the final evaluation and
@@ -405,23 +417,22 @@ class FixResConfig(Strict):
         None, min_length=1, description="test sizes: crops (resized at the training ratio) as a list or "
         "START:STOP:STEP (stop included), and/or RESIZE/CROP pairs such as 324/288 (the 2022 entries'); None: "
         "crops from 0.8x to 1.75x the training test crop (192:416:16 for 240)")
-    metric: str = Field("val", description="the split whose top-1 picks the size: val or val_clutter. A "
-                        "Brain-Score benchmark picks it after training: fasttricks fixres RUN --metric brainscore:ID")
+    metric: Literal[FIXRES_SPLITS] = Field("val", description="the split whose top-1 picks the size. A Brain-Score "
+                                           "benchmark picks it after training: fasttricks fixres RUN --metric "
+                                           "brainscore:ID")
     held_out: bool = Field(True, description="pick on one half of each split (even-numbered images) and report "
                            "the chosen size on the other half, so the reported figure is not the maximum of the "
                            "curve it was picked from")
     finetune: FixResFineTuneConfig | None = Field(None, description="FixRes' classifier + BN fine-tuning; None: off")
 
-    @field_validator("metric")
+    @field_validator("metric", mode="before")
     @classmethod
-    def _split_only(cls, metric: str) -> str:
+    def _not_a_benchmark(cls, metric: Any) -> Any:
         # A benchmark in the recipe would end a long run on a download (or its failure) on every
         # rank; after training, `fasttricks fixres` scores the saved model and can be re-run alone.
-        if metric.startswith("brainscore:"):
+        if isinstance(metric, str) and metric.startswith("brainscore:"):
             raise ValueError(f"{metric}: a Brain-Score benchmark picks the test size after training, not in "
                              f"the recipe: fasttricks fixres RUN --metric {metric}")
-        if metric not in ("val", "val_clutter"):
-            raise ValueError(f"expected val or val_clutter, not {metric!r}")
         return metric
 
 
