@@ -170,7 +170,7 @@ def markdown(rows: list[dict]) -> str:
         cells = [r["recipe"], *(_num(r["paper"].get(c), 4) for c in paper_cols),
                  *(r["tricks"][c] for c in trick_cols),
                  *(_num(r.get(k), 1) + (f" ± {r['sd'][k]:.1f}" if seeded and k in r else "") for k in metric_cols),
-                 *(_delta(r["vs_first"].get(k)) for k in delta_cols)]
+                 *(_delta_cell(r, rows[0], k) for k in delta_cols)]
         lines.append("| " + " | ".join(cells) + " |")
     if seeded:
         n = len(next(iter(rows[0]["per_seed"].values())))
@@ -185,3 +185,8 @@ def _num(value: float | None, digits: int) -> str:
 
 def _delta(diff: dict | None) -> str:
     return "" if diff is None else f"{diff['mean']:+.1f} ± {diff['se']:.1f}"
+
+
+def _delta_cell(row: dict, first: dict, key: str) -> str:
+    """The first row against itself is no measurement: a dash."""
+    return "—" if row is first else _delta(row["vs_first"].get(key))

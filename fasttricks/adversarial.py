@@ -131,4 +131,7 @@ def parse_attack(spec: str) -> AdversarialConfig:
         cfg = AdversarialConfig(norm=norm, eps=eps, steps=int(steps), step_size=0.0)
     except ValueError as e:
         raise ValueError(f"--attack expects norm:eps:steps such as linf:8/255:20, not {spec!r} ({e})") from None
+    if cfg.steps < 1:
+        raise ValueError(f"--attack {spec!r}: an evaluation attack takes at least 1 step (PGD-10: "
+                         f"{norm}:{eps}:10)")
     return cfg.model_copy(update={"step_size": 2.5 * cfg.eps / cfg.steps})

@@ -10,6 +10,7 @@ from ``--set dotted.key=value``; in both, a list of stages can be addressed by i
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib.util
 import os
 import types
@@ -18,7 +19,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 def _pipelines() -> Path:
@@ -161,16 +171,55 @@ def _fraction(value: Any) -> Any:
 Fraction = Annotated[float, BeforeValidator(_fraction)]
 
 
+def step_rule(eps: float, steps: int, random_start: bool) -> float:
+    """The step size when a recipe gives none, so that it follows ε: Madry et al.'s 2.5·ε/steps, and
+    for one step from a random start Wong et al.'s FGSM-RS 1.25·ε (2.5·ε would leave the ball's
+    far side in one step and be projected back to its edge); 0 for a random start alone."""
+    if steps == 0:
+        return 0.0
+    if steps == 1 and random_start:
+        return 1.25 * eps
+    return 2.5 * eps / steps
+
+
 class AdversarialConfig(Strict):
     """PGD adversarial training (Madry et al.): each batch is replaced by its adversarial version."""
 
     norm: Literal["linf", "l2"] = "linf"
     eps: Fraction = Field(8 / 255, gt=0, description="radius in [0, 1] pixel units; '8/255' accepted")
-    step_size: Fraction = Field(2 / 255, ge=0, description="α per step; '2/255' accepted")
+    step_size: Fraction = Field(None, ge=0, description="α per step; '2/255' accepted. Not given (or null): "
+                                "a rule of ε, so that changing ε keeps the attack's shape: 2.5·ε/steps (Madry "
+                                "et al.), 1.25·ε for one step from a random start (FGSM-RS, Wong et al.)")
     steps: int = Field(3, ge=0, description="0: random start only")
     random_start: bool = True
     eval_mode: bool = Field(True, description="attack with dropout/drop-path off and batch-norm statistics "
                             "untouched (as robustness does)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _step_from_eps(cls, data: Any) -> Any:
+        # Resolved before validation, so that config.yaml records the step the run used; an
+        # explicit step stays as written (and is checked against ε in `warnings`).
+        if isinstance(data, dict) and data.get("step_size") is None:
+            fields = cls.model_fields
+            eps = _fraction(data.get("eps", fields["eps"].default))
+            steps = data.get("steps", fields["steps"].default)
+            start = data.get("random_start", fields["random_start"].default)
+            data = {k: v for k, v in data.items() if k != "step_size"}
+            if isinstance(eps, int | float) and isinstance(steps, int) and isinstance(start, bool):
+                data["step_size"] = step_rule(float(eps), steps, start)
+        return data
+
+    def warnings(self, where: str) -> list[str]:
+        """What an explicit step does that the user may not mean: a multi-step attack whose step
+        exceeds ε (after a change of ε that kept an absolute step, say)."""
+        rule = step_rule(self.eps, self.steps, self.random_start)
+        if self.steps > 1 and self.step_size > self.eps * (1 + 1e-6) and abs(self.step_size - rule) > 1e-9:
+            def level(v: float) -> str:
+                return f"{v * 255:.3g}/255" if self.norm == "linf" else f"{v:.3g}"
+            return [f"{where}: step_size {level(self.step_size)} exceeds eps {level(self.eps)} for a {self.steps}-step "
+                    f"attack; leave step_size out for the rule of ε ({level(rule)} = 2.5·eps/steps)"]
+        return []
 
 
 Range = tuple[float, float]
@@ -473,13 +522,29 @@ class Recipe(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     logging: LoggingConfig = LoggingConfig()
     paper: dict[str, float] = Field(default_factory=dict, description="the paper's figures for this recipe "
-                                    "(shown beside ours by `fasttricks ablate`)")
+                                    "(shown beside ours by `fasttricks ablate`); not inherited through base:, "
+                                    "as description is not: only the file that names them has them")
     start: Literal["scratch", "trained"] = Field(
         "scratch", description="trained: the recipe fine-tunes a trained model (Table 1, winner-resnet50) and "
         "refuses to run from random weights: give model.weights, model.pretrained or the first stage's weights")
     toy_override: str | None = Field(None, description="the override (relative to pipelines/) that makes this "
                                      "recipe run on the toy set on a CPU in minutes; `train --data toy` applies it "
                                      "when no --override is given. None: overrides/toy.yaml")
+
+    # What loading said about this recipe (overrides that changed experiment keys, keys the user's own
+    # file kept); not part of the recipe, so not dumped to config.yaml.
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """Lines to show before training: what the overrides changed in the experiment, the user's
+        keys that won over them, and steps that exceed ε."""
+        lines = list(self._notes)
+        for i, stage in enumerate(self.stages):
+            if stage.adversarial is not None:
+                lines += stage.adversarial.warnings(f"stages.{i}.adversarial")
+        if self.evaluation.attack is not None:
+            lines += self.evaluation.attack.warnings("evaluation.attack")
+        return lines
 
     def check_start(self) -> None:
         """A fine-tuning recipe without a model to fine-tune would train from random weights and
@@ -582,7 +647,72 @@ def read_recipe_tree(name_or_path: str | os.PathLike, _seen: tuple = ()) -> dict
     base = data.pop("base", None)
     if base is None:
         return data
-    return merge(read_recipe_tree(base, (*_seen, path)), data)
+    inherited = {k: v for k, v in read_recipe_tree(base, (*_seen, path)).items() if k not in NOT_INHERITED}
+    return merge(inherited, data)
+
+
+# What a recipe says about itself alone: a child of `winner` (a SAM variant, say) is not the run the
+# paper's figures belong to, nor the recipe its description describes.
+NOT_INHERITED = ("paper", "description")
+
+
+def own_files(name_or_path: str | os.PathLike, _seen: tuple = ()) -> list[Path]:
+    """The files of a recipe's ``base:`` chain that the user wrote (not shipped ones), base first."""
+    path = recipe_path(name_or_path, _seen[-1].parent if _seen else None).resolve()
+    if path in _seen:
+        return []
+    base = _read_yaml(path).get("base")
+    chain = own_files(base, (*_seen, path)) if base is not None else []
+    return chain if path.is_relative_to(PIPELINES.resolve()) else [*chain, path]
+
+
+# What an override may change whatever the user's recipe file says: the run's size and budget
+# (DESIGN, 2026-12-01). Every other key is an experiment variable (ε, step, lr, augmentation,
+# mixing, the evaluation's attack...): one that the user's own file sets wins over an override.
+SIZE_KEYS = ("model.arch", "model.pretrained", "model.compile", "data.workers", "data.val_resize", "data.val_crop",
+             "data.val_batch_size", "data.pixel_scale", "data.order", "data.os_cache", "stages.*.epochs",
+             "stages.*.batch_size", "stages.*.resolution", "stages.*.schedule.warmup_epochs",
+             "stages.*.average.bn_batches", "fixres.sizes", "fixres.finetune.steps", "fixres.finetune.batch_size",
+             "evaluation.every", "logging")
+
+
+def is_size_key(key: str) -> bool:
+    """``key`` (dotted, stage indices as numbers or ``*``) or a key above it is one of SIZE_KEYS."""
+    parts = key.split(".")
+    if parts[0] == "stages" and len(parts) > 1:
+        parts[1] = "*"
+    return any(fnmatch.fnmatchcase(".".join(parts[:n]), pattern)
+               for pattern in SIZE_KEYS for n in range(1, len(parts) + 1))
+
+
+def experiment_part(data: Any, path: str = "") -> Any:
+    """``data`` (a raw recipe or a part of it) without its size keys."""
+    if isinstance(data, list) and path == "stages":
+        return [experiment_part(item, _join(path, i)) for i, item in enumerate(data)]
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for k, v in data.items():
+        key = _join(path, k)
+        if is_size_key(key):
+            continue
+        part = experiment_part(v, key)
+        if part == {} and v != {}:  # only size keys below: nothing of the experiment
+            continue
+        out[k] = part
+    return out
+
+
+def leaf_changes(before: Any, after: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf of two raw recipes that differs."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [c for k in dict.fromkeys([*before, *after])
+                for c in leaf_changes(before.get(k), after.get(k), _join(path, k))]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after) and \
+            _is_list_of_mappings(before):
+        return [c for i, (b, a) in enumerate(zip(before, after, strict=True))
+                for c in leaf_changes(b, a, _join(path, i))]
+    return [] if before == after else [(path, before, after)]
 
 
 def merge(base: Any, override: Any, path: str = "") -> Any:
@@ -647,18 +777,48 @@ def parse_set(assignment: str) -> dict:
 
 def load_recipe(name_or_path: str | os.PathLike, overrides: list[str | os.PathLike] = (),
                 sets: list[str] = ()) -> Recipe:
-    """Load, merge ``overrides`` files then ``sets``, and validate."""
-    return apply_overrides(read_recipe_tree(name_or_path), overrides, sets, source=str(name_or_path))
+    """Load, merge ``overrides`` files then ``sets``, and validate. The experiment keys that the
+    user's own recipe files set (not the shipped ones they start from) win over the overrides."""
+    own = [(path, _read_yaml(path)) for path in own_files(name_or_path)] if overrides else []
+    return apply_overrides(read_recipe_tree(name_or_path), overrides, sets, source=str(name_or_path), own=own)
 
 
 def apply_overrides(data: dict, overrides: list[str | os.PathLike] = (), sets: list[str] = (), *,
-                    source: str = "recipe") -> Recipe:
-    """A raw recipe with ``overrides`` files then ``sets`` merged over it, validated."""
-    for file in overrides:
-        data = merge(data, _read_yaml(recipe_path(file, what="override file")))
+                    source: str = "recipe", own: list[tuple[Path, dict]] = ()) -> Recipe:
+    """A raw recipe with ``overrides`` files merged over it, then the experiment keys of ``own``
+    (the user's files, whose experiment an override must not change), then ``sets``; validated.
+    The recipe's ``notes()`` list what the overrides changed in the experiment and what ``own`` kept."""
+    notes, start = [], data
+    paths = [recipe_path(file, what="override file") for file in overrides]
+    for path in paths:
+        data = merge(data, _read_yaml(path))
+    for file, raw in own:
+        before, data = data, merge(data, experiment_part({k: v for k, v in raw.items() if k != "base"}))
+        kept = leaf_changes(before, data)
+        if kept:
+            notes.append(f"{_short(file)} sets these itself, so no override changes them: "
+                         + "; ".join(f"{k}={new} (the override's: {old})" for k, old, new in kept))
+    changed = [(k, old, new) for k, old, new in leaf_changes(start, data) if not is_size_key(k)]
+    if changed:
+        notes.insert(0, f"{', '.join(map(_short, paths))} also change{'s' * (len(paths) == 1)} the experiment: "
+                     + "; ".join(f"{k} {_unset(old)} -> {_unset(new)}" for k, old, new in changed))
     for assignment in sets:
         data = merge(data, parse_set(assignment))
-    return validate(data, source=source)
+    recipe = validate(data, source=source)
+    recipe._notes = notes
+    return recipe
+
+
+def _unset(value: Any) -> Any:
+    return "(default)" if value is None else value
+
+
+def _short(path: Path) -> str:
+    """A shipped file by its name in pipelines/, another as given."""
+    try:
+        return str(Path(path).resolve().relative_to(PIPELINES.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def validate(data: dict, source: str = "recipe") -> Recipe:

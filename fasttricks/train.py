@@ -113,7 +113,11 @@ class Run:
     device: torch.device
     model: Classifier
     train_model: nn.Module  # the model, or its torch.compile wrapper
-    info: dict  # what final.safetensors records about the model
+    # The run's state beside the weights (architecture, classes, frozen modules, training resolution,
+    # test size): what final.safetensors records about the model. It is saved whole with every
+    # checkpoint (the weights file's metadata) and `_restore` takes it back whole, so a run resumed at
+    # any boundary holds what the uninterrupted run held (position and RNG streams are in state.pt).
+    info: dict
     val_loaders: dict
     train_beton: Path
     is_main: bool
@@ -141,6 +145,9 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     out, device = Path(out), device or default_device()
     rank, world = dist_info()
     recipe.check_start()
+    if rank == 0 and show_progress:
+        for line in recipe.notes():  # what the overrides changed in the experiment; steps beyond ε
+            console.print(f"[yellow]{line}", soft_wrap=True)
     paths = beton_paths(data_dir)
     train_manifest = checked_manifests(data_dir)["train"]
     classes = train_manifest["classes"]
@@ -459,8 +466,10 @@ def _restore(run: Run) -> tuple[Position, dict | None]:
     position, path = found[-1]
     weights, state = load_checkpoint(path)
     run.model.net.load_state_dict(weights)
-    if "train_resolution" in (saved := read_info(path / "model.safetensors")):
-        run.info["train_resolution"] = saved["train_resolution"]
+    run.info = {**run.info, **read_info(path / "model.safetensors")}
+    # frozen as when it was saved: a stage that resumes re-freezes for itself, but after the last
+    # stage nothing else would (FixRes' fine-tuning must not train the frozen batch norms)
+    freezing.freeze(run.model.net, run.info.get("frozen", []))
     if run.is_main:
         def kept(row: dict) -> bool:
             return (row["stage_index"], row["epoch"], "averaged" in row) <= (

@@ -103,6 +103,8 @@ def test_attack_specs_parse_with_madrys_step_rule():
         parse_attack("linf-8")
     with pytest.raises(ValueError, match="norm:eps:steps"):
         parse_attack("l3:1:2")
+    with pytest.raises(ValueError, match="at least 1 step"):
+        parse_attack("linf:8/255:0")
 
 
 @pytest.mark.gpu

@@ -104,3 +104,61 @@ def test_lists_of_plain_values_are_replaced_and_out_of_range_names_the_list():
     assert merge([{"a": 1}], [{"b": 2}]) == [{"a": 1, "b": 2}]
     with pytest.raises(RecipeError, match=r"stages\.3: index 3 is out of range \(stages has 1 item"):
         load_recipe("baseline", sets=["stages.3.epochs=1"])
+
+
+def _user_recipe(tmp_path, body: str):
+    path = tmp_path / "mine.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_an_override_never_changes_the_experiment_the_users_own_recipe_file_sets(tmp_path, capsys):
+    from fasttricks.runs import recipe_for_train
+
+    mine = _user_recipe(tmp_path, "base: winner\nname: mine\nstages:\n  0:\n"
+                                  "    adversarial: {eps: 1/255, step_size: 0.5/255}\n    optimizer: {lr: 0.05}\n")
+    # `train --recipe mine.yaml --data toy` (toy-winner.yaml, through base: winner) and an explicit --override
+    for recipe in (recipe_for_train(str(mine), [], [], out=None, resume=False, toy=True)[0],
+                   load_recipe(mine, ["overrides/toy-winner.yaml"])):
+        adv = recipe.stages[0].adversarial
+        assert (adv.eps, adv.step_size) == (pytest.approx(1 / 255), pytest.approx(0.5 / 255))
+        assert recipe.stages[0].optimizer.lr == 0.05
+        # the size and budget still shrink, and what the user did not set follows the override
+        assert recipe.model.arch == "test_efficientnet" and recipe.stages[0].epochs == 20 and adv.steps == 2
+        kept = next(line for line in recipe.notes() if "mine.yaml sets these itself" in line)
+        assert "stages.0.adversarial.eps=1/255 (the override's: 2/255)" in kept and "stages.0.optimizer.lr=0.05" in kept
+    # a shipped recipe takes the override whole, and the line says what it changes beyond the size
+    toy = load_recipe("winner", ["overrides/toy-winner.yaml"])
+    assert toy.stages[0].adversarial.eps == pytest.approx(2 / 255)
+    changed = toy.notes()[0]
+    assert changed.startswith("overrides/toy-winner.yaml also changes the experiment:")
+    assert "stages.0.adversarial.eps 8/255 -> 2/255" in changed and "epochs" not in changed
+    # --set is the user's last word, over both
+    given = load_recipe(mine, ["overrides/toy-winner.yaml"], ["stages.0.adversarial.eps=3/255"])
+    assert given.stages[0].adversarial.eps == pytest.approx(3 / 255)
+
+
+def test_paper_figures_and_the_description_belong_to_the_file_that_names_them(tmp_path):
+    assert load_recipe("winner").paper["public_v1"] == 0.3661
+    child = load_recipe(_user_recipe(tmp_path, "base: winner\nname: winner-sam\nstages:\n  1:\n"
+                                               "    optimizer: {sam: {}}\n"))
+    assert child.paper == {} and child.description == ""
+    assert load_recipe("table1/8-sam").paper == {}  # written out on the shared base: no paper row of its own
+    assert load_recipe("table1/7-wa").paper == {"public_behavior": 0.5563}
+
+
+def test_the_step_size_follows_eps_unless_given_and_a_step_beyond_eps_is_named():
+    step = lambda r, i=0: r.stages[i].adversarial.step_size  # noqa: E731
+    assert step(load_recipe("winner")) == pytest.approx(2.5 * (8 / 255) / 3)  # Madry's rule, as the paper's run
+    quarter = load_recipe("winner", [], ["stages.0.adversarial.eps=0.25/255"])
+    assert step(quarter) == pytest.approx(2.5 * (0.25 / 255) / 3) and not quarter.notes()
+    fgsm_rs = load_recipe("winner", [], ["stages.0.adversarial={eps: 8/255, steps: 1}"])
+    assert step(fgsm_rs) == pytest.approx(1.25 * 8 / 255)  # Wong et al.'s FGSM-RS
+    two = load_recipe("winner", [], ["stages.0.adversarial.steps=2"])
+    assert step(two) == pytest.approx(1.25 * 8 / 255) and not two.notes()  # the rule's own step: no warning
+    # an explicit step stays absolute; beyond ε in a multi-step attack, it is said
+    kept = load_recipe("winner", ["overrides/toy-winner.yaml"], ["stages.0.adversarial.eps=0.25/255"])
+    assert step(kept) == pytest.approx(1 / 255)
+    assert any(line.startswith("stages.0.adversarial: step_size 1/255 exceeds eps 0.25/255 for a 2-step attack")
+               for line in kept.notes())
+    assert load_recipe("winner").evaluation.attack.step_size == pytest.approx(1 / 255)  # written: kept

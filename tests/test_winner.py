@@ -13,6 +13,8 @@ from fasttricks.ablate import ablate
 from fasttricks.checkpoint import read_info
 from fasttricks.recipes import PIPELINES, load_recipe
 from fasttricks.runs import RunFolderError
+from fasttricks import fixres
+from fasttricks import train as train_module
 from fasttricks.train import train
 
 TOY_WINNER = PIPELINES / "overrides" / "toy-winner.yaml"
@@ -93,18 +95,64 @@ def test_resume_in_the_middle_of_stage_two_ends_where_the_uninterrupted_run_ends
     assert (tmp_path / "r" / "fixres.csv").read_text() == (out / "fixres.csv").read_text()
 
 
-def test_resume_between_the_last_epoch_and_the_averaging_averages_once(toy_data, tmp_path):
-    recipe = _winner("stages.0.epochs=1", "stages.1.epochs=2")
-    full = train(recipe, toy_data, tmp_path / "full", show_progress=False)
-    train(recipe, toy_data, tmp_path / "r", stop_after=3, show_progress=False)
-    # the stop came after stage 2's last epoch; as if the process died before the average was saved
-    shutil.rmtree(tmp_path / "r" / "checkpoints" / "s1-e002-avg")
-    train(recipe, toy_data, tmp_path / "r", resume=True, show_progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert sum("averaged" in r for r in rows) == 1
-    a, b = _weights(tmp_path / "full" / "final.safetensors"), _weights(tmp_path / "r" / "final.safetensors")
+SHORT = ("stages.0.epochs=1", "stages.1.epochs=2")  # 3 epochs: stage 1's last epoch, then its average
+
+
+@pytest.fixture(scope="module")
+def short_run(toy_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "short"
+    train(_winner(*SHORT), toy_data, out, show_progress=False)
+    return out
+
+
+def _stop_after_the_last_epoch(toy_data, out, monkeypatch):
+    train(_winner(*SHORT), toy_data, out, stop_after=3, show_progress=False)
+    # the stop came after the averaging; as if the process had died before the average was saved
+    shutil.rmtree(out / "checkpoints" / "s1-e002-avg")
+
+
+def _stop_after_the_averaging(toy_data, out, monkeypatch):
+    train(_winner(*SHORT), toy_data, out, stop_after=3, show_progress=False)
+    assert (out / "checkpoints" / "s1-e002-avg").is_dir() and not (out / "final.safetensors").exists()
+
+
+def _crash_in(target, name):
+    def stop(toy_data, out, monkeypatch):
+        def crash(*args, **kwargs):
+            raise RuntimeError("node lost")
+        with monkeypatch.context() as m:
+            m.setattr(target, name, crash)
+            with pytest.raises(RuntimeError, match="node lost"):
+                train(_winner(*SHORT), toy_data, out, show_progress=False)
+        assert not (out / "final.safetensors").exists()
+    return stop
+
+
+def _without(row: dict, keys) -> dict:
+    return {k: v for k, v in row.items() if k not in keys}
+
+
+@pytest.mark.parametrize("stop", [_stop_after_the_last_epoch, _stop_after_the_averaging,
+                                  _crash_in(fixres, "choose"), _crash_in(train_module, "_final_accuracy")],
+                         ids=["after the last epoch", "after the averaging", "during FixRes",
+                              "during the final evaluation"])
+def test_a_resume_at_every_boundary_after_the_last_stage_leaves_the_uninterrupted_runs_files(
+        short_run, toy_data, tmp_path, monkeypatch, stop):
+    out = tmp_path / "r"
+    stop(toy_data, out, monkeypatch)
+    train(_winner(*SHORT), toy_data, out, resume=True, show_progress=False)
+    a, b = _weights(short_run / "final.safetensors"), _weights(out / "final.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert full["val_top1"] == json.loads((tmp_path / "r" / "summary.json").read_text())["val_top1"]
+    # the run's state is whole: frozen modules, training resolution, the test size FixRes chose
+    assert read_info(out / "final.safetensors") == read_info(short_run / "final.safetensors")
+    assert read_info(out / "final.safetensors")["frozen"][:2] == ["conv_stem", "bn1"]
+    drop = TIMING | {"run", "final_weights"}
+    summaries = [json.loads((o / "summary.json").read_text()) for o in (short_run, out)]
+    assert _without(summaries[1], drop) == _without(summaries[0], drop)
+    rows = [[_without(json.loads(line), TIMING) for line in (o / "metrics.jsonl").read_text().splitlines()]
+            for o in (short_run, out)]
+    assert rows[1] == rows[0] and sum("averaged" in r for r in rows[1]) == 1
+    assert (out / "fixres.csv").read_text() == (short_run / "fixres.csv").read_text()
 
 
 def test_an_ema_stage_ends_with_the_ema_weights_and_resumes_exactly(toy_data, tmp_path):
@@ -183,4 +231,5 @@ def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_
     assert fc["vs_first"]["val_top1"]["se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)  # sd / sqrt(2)
     table = (tmp_path / "out" / "ablation.md").read_text()
     assert "Δ val_clutter top-1 vs 1-baseline" in table and "2 seeds per row" in table
+    assert table.splitlines()[2].startswith("| 1-baseline |") and table.splitlines()[2].endswith("| — | — |")
     assert f"| {base['val_top1']:.1f} ± {base['sd']['val_top1']:.1f} |" in table
