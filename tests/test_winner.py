@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fasttricks import fixres
+from fasttricks import train as train_module
 from fasttricks.ablate import ablate
 from fasttricks.checkpoint import read_info
 from fasttricks.recipes import PIPELINES, load_recipe
 from fasttricks.runs import RunFolderError
-from fasttricks import fixres
-from fasttricks import train as train_module
 from fasttricks.train import train
 
 TOY_WINNER = PIPELINES / "overrides" / "toy-winner.yaml"
