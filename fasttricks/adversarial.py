@@ -16,6 +16,7 @@ The last iterate is returned (robustness' ``use_best`` bookkeeping costs a forwa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -25,15 +26,31 @@ from torch import nn
 
 from fasttricks.devices import autocast
 from fasttricks.recipes import AdversarialConfig
-from fasttricks.seeding import ATTACK, stream_seed
+from fasttricks.seeding import ATTACK, EVAL_ATTACK, stream_seed
 
 
-def _noise_like(x: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _noise_like(x: torch.Tensor, kind: str, generator: Generators) -> torch.Tensor:
     """Noise drawn in logical (NCHW) order, then laid out like ``x``: the same draws whatever
-    the memory format, so channels_last changes no result."""
-    noise = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    noise = noise.uniform_(-1, 1, generator=generator) if kind == "uniform" else noise.normal_(generator=generator)
+    the memory format, so channels_last changes no result. ``generator`` may be one per image
+    (evaluation: each image's start is then its own, whatever batch it falls in)."""
+    def draw(shape, g):
+        noise = torch.empty(shape, device=x.device, dtype=x.dtype)
+        return noise.uniform_(-1, 1, generator=g) if kind == "uniform" else noise.normal_(generator=g)
+
+    if isinstance(generator, Sequence):
+        noise = torch.stack([draw(x.shape[1:], g) for g in generator])
+    else:
+        noise = draw(x.shape, generator)
     return torch.empty_like(x).copy_(noise)
+
+
+def image_generators(device: torch.device, image_ids, stream: int = EVAL_ATTACK) -> list[torch.Generator]:
+    """One generator per image, seeded by the image's index in its split: a robust accuracy then
+    depends neither on the batch size nor on how the split is sharded over processes."""
+    return [torch.Generator(device).manual_seed(stream_seed(0, 0, int(i), stream)) for i in image_ids]
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -44,7 +61,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 class LinfPGDStep(LinfStep):
     """robustness' L∞ step and projection; random start uniform in the ε-box from ``generator``."""
 
-    def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_perturb(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         return torch.clamp(x + _noise_like(x, "uniform", generator) * self.eps, 0, 1)
 
 
@@ -60,7 +77,7 @@ class L2PGDStep(L2Step):
     def step(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return x + g / (_per_sample_norm(g) + 1e-10) * self.step_size
 
-    def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_perturb(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         direction = _noise_like(x, "normal", generator)
         return torch.clamp(x + self.eps * direction / (_per_sample_norm(direction) + 1e-10), 0, 1)
 
@@ -69,16 +86,18 @@ STEPS = {"linf": LinfPGDStep, "l2": L2PGDStep}
 
 
 def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: AdversarialConfig, *,
-        generator: torch.Generator | None = None, use_autocast: bool = True) -> torch.Tensor:
+        generator: Generators = None, use_autocast: bool = True) -> torch.Tensor:
     """Adversarial versions of ``images`` (in [0, 1]) that raise ``model``'s cross-entropy on
-    ``targets`` (class indices or soft targets), within ``cfg``'s ε-ball around ``images``."""
+    ``targets`` (class indices or soft targets), within ``cfg``'s ε-ball around ``images``. The
+    model's mode is restored whatever happens inside (an out-of-memory error, Ctrl-C)."""
     was_training = model.training
     if cfg.eval_mode:
         model.eval()
-    with input_gradients_only(model):
-        x = _attack(model, images, targets, cfg, generator, use_autocast)
-    model.train(was_training)
-    return x
+    try:
+        with input_gradients_only(model):
+            return _attack(model, images, targets, cfg, generator, use_autocast)
+    finally:
+        model.train(was_training)
 
 
 @contextmanager
@@ -95,7 +114,7 @@ def input_gradients_only(model: nn.Module):
 
 
 def _attack(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: AdversarialConfig,
-            generator: torch.Generator | None, use_autocast: bool) -> torch.Tensor:
+            generator: Generators, use_autocast: bool) -> torch.Tensor:
     # fills, not torch.tensor(x, device): a copy from host memory waits for the device
     eps = torch.full((), cfg.eps, device=images.device, dtype=images.dtype)
     step_size = torch.full((), cfg.step_size, device=images.device, dtype=images.dtype)

@@ -10,14 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasttricks.adversarial import pgd
+from fasttricks.adversarial import image_generators, pgd
 from fasttricks.checkpoint import read_info
 from fasttricks.data.loader import ValLoader, beton_paths
 from fasttricks.devices import autocast
-from fasttricks.distributed import dist_info, sum_over_ranks
+from fasttricks.distributed import sum_over_ranks
 from fasttricks.models import Classifier, classifier_for, weights_file
 from fasttricks.recipes import AdversarialConfig
-from fasttricks.seeding import EVAL_ATTACK, stream_seed
 
 
 def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
@@ -25,16 +24,21 @@ def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
     """Top-1 and top-5 (in %) and the image count; with ``attack``, on the PGD versions of the
     images (attacked and evaluated in fp32, the evaluation standard). Counts stay on the device
     until the end, then are summed over ranks: under several processes each evaluates its shard.
-    The attack's random starts come from a generator seeded by (batch, rank), never the global
-    RNG, so the same weights give the same robust accuracy on every evaluation."""
+    Each image's random start comes from a generator seeded by its index in the split (a
+    ``ValLoader`` knows them; for other batches, the position in the sequence), never the global
+    RNG: the same weights give the same robust accuracy at any batch size and on any number of
+    processes."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.long)  # top-1 hits, top-5 hits, images
-    rank = dist_info()[0]
-    for i, (images, labels) in enumerate(batches):
+    order = batches.sample_indices() if hasattr(batches, "sample_indices") else None
+    offset = 0
+    for images, labels in batches:
+        n = labels.shape[0]
         if attack is not None:
-            generator = torch.Generator(device).manual_seed(stream_seed(0, 0, i, EVAL_ATTACK, rank))
-            images = pgd(model, images, labels, attack, use_autocast=False, generator=generator)
+            ids = order[offset:offset + n] if order is not None else range(offset, offset + n)
+            images = pgd(model, images, labels, attack, use_autocast=False, generator=image_generators(device, ids))
+        offset += n
         with torch.no_grad(), autocast(device) if attack is None else nullcontext():
             logits = model(images)
         k = min(5, logits.shape[1])

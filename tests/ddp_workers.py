@@ -139,6 +139,24 @@ def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -
         dist.destroy_process_group()
 
 
+def robust_eval_attack():
+    """A random start alone, large enough to move predictions: what robust accuracy then reads
+    depends on each image's start (a gradient step would bring every figure to 0 here)."""
+    from fasttricks.recipes import AdversarialConfig
+
+    return AdversarialConfig(eps="64/255", steps=0, random_start=True)
+
+
+ROBUST_EVAL = None  # set in the worker (the recipes module imported there)
+
+
+def pixel_classifier() -> torch.nn.Module:
+    """A linear read-out of the pixels (seeded): unlike an untrained network, whose answer hardly
+    depends on its input, its predictions move with every image's random start."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 40 * 40, 10)).eval()
+
+
 def sharded_accuracy(rank: int, world: int, port: int, data: str, out: str) -> None:
     """Each rank evaluates its shard of val and val_clutter; the all-reduced result, and how many
     images this rank's loader gave."""
@@ -146,6 +164,8 @@ def sharded_accuracy(rank: int, world: int, port: int, data: str, out: str) -> N
     from fasttricks.models import create_model
     from fasttricks.recipes import ModelConfig
 
+    global ROBUST_EVAL
+    ROBUST_EVAL = robust_eval_attack()
     _join(rank, world, port)
     try:
         torch.manual_seed(0)
@@ -154,6 +174,9 @@ def sharded_accuracy(rank: int, world: int, port: int, data: str, out: str) -> N
                               distributed=True)
         shard = {split: sum(y.shape[0] for _, y in loader) for split, loader in loaders.items()}
         results = evaluate_splits(model, loaders, torch.device("cpu"))
+        robust = evaluate_splits(pixel_classifier(), loaders, torch.device("cpu"), ROBUST_EVAL)
+        for split in results:
+            results[split]["robust"] = [robust[split]["robust_top1"], robust[split]["robust_top5"]]
         Path(out, f"rank{rank}.json").write_text(json.dumps({"results": results, "shard": shard}))
         dist.barrier()
     finally:

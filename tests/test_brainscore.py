@@ -211,6 +211,12 @@ def test_score_takes_a_region_map_of_its_own_and_writes_it_into_the_export(run, 
     assert result.exit_code == 2  # offline: the scoring itself cannot run here
     maps = list((run / "brainscore").glob("*/region_layer_map/*.json"))
     assert len(maps) == 1 and json.loads(maps[0].read_text())["V1"] == "blocks.1"
+    # a later use without --region gets the default map, not the folder exported with the given one
+    from fasttricks.brainscore.local import plugin_for
+
+    folder = plugin_for(run)
+    default = json.loads((folder / "region_layer_map" / f"{folder.name}.json").read_text())
+    assert default["V1"] != "blocks.1" and json.loads((folder / "model.json").read_text())["regions_given"] == {}
 
 
 def test_efficientnet_b1_gets_the_2022_winners_region_map_and_others_the_same_depths():

@@ -116,7 +116,20 @@ def test_sharded_evaluation_on_two_ranks_gives_the_numbers_of_one_process(toy_da
     model = create_model(ModelConfig(arch="test_efficientnet"), 10).eval()
     one = evaluate_splits(model, val_loaders(toy_data, resize=48, crop=40, batch_size=32, device=torch.device("cpu"),
                                              workers=1), torch.device("cpu"))
+    attack, linear = ddp_workers.robust_eval_attack(), ddp_workers.pixel_classifier()
+    robust = {b: evaluate_splits(linear, val_loaders(toy_data, resize=48, crop=40, batch_size=b, workers=1,
+                                                     device=torch.device("cpu")), torch.device("cpu"), attack)
+              for b in (32, 7)}
+
+    def figures(m: dict) -> tuple:
+        return m["robust_top1"], m["robust_top5"]
+
+    # the starts move predictions, so a start that depended on the batch would show
+    assert any(figures(robust[32][s]) != (robust[32][s]["top1"], robust[32][s]["top5"]) for s in robust[32])
     for split in ("val", "val_clutter"):
+        # robust accuracy: each image's random start is its own, on 1 or 2 processes, at any batch size
+        assert {tuple(r["results"][split]["robust"]) for r in ranks} == {figures(robust[b][split]) for b in robust}
+        assert len({figures(robust[b][split]) for b in robust}) == 1
         assert ranks[0]["shard"][split] + ranks[1]["shard"][split] == one[split]["images"] == 100  # disjoint halves
         assert ranks[0]["shard"][split] == 50
         for r in ranks:

@@ -122,6 +122,7 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
         raise ExportError("--region and --no-region-map contradict each other; give one")
     config["region_layer_map"] = {**mapping, **given}
     config["region_layer_map_source"] = how + (f"; given: {', '.join(given)}" if given else "")
+    config["regions_given"] = given  # a later export without --region must not re-use this folder
     _write_folder(out, config, weights, config["region_layer_map"], overwrite, plugin_metadata(net, info, name))
     return config
 

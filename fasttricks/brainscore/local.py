@@ -2,8 +2,8 @@
 brainscore_vision itself (its ``PytorchWrapper``, ``ModelCommitment`` and ``load_benchmark``), on
 the exported plugin folder, so that what is checked is what Brain-Score will run.
 
-A run is exported once into ``RUN/brainscore/<identifier>/`` and re-used while its weights and
-test size are unchanged.
+A run is exported once into ``RUN/brainscore/<identifier>/`` and re-used while its weights, test
+size and region map (the default one) are unchanged.
 """
 
 from __future__ import annotations
@@ -44,9 +44,18 @@ def plugin_for(source: Path, regions: list[str] = (), size: tuple[int, int] | No
     name = identifier_for(info, run.resolve().name, resize, crop)
     folder = run / "brainscore" / name
     config = folder / "model.json"
-    if regions or not (config.is_file() and json.loads(config.read_text())["weights_sha1"] == sha1(weights)):
+    if regions or not _reusable(config, weights):
         export(source, folder, regions=list(regions), overwrite=True, size=size)
     return folder
+
+
+def _reusable(config: Path, weights: Path) -> bool:
+    """An earlier export of these weights with the default region map (one made with --region maps
+    other layers to the regions, and its scores would not be the default export's)."""
+    if not config.is_file():
+        return False
+    saved = json.loads(config.read_text())
+    return saved["weights_sha1"] == sha1(weights) and saved.get("regions_given") == {}
 
 
 def load_plugin(folder: Path):

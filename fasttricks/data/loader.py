@@ -170,6 +170,10 @@ class ValLoader:
         """A loader of the same split and settings over ``indices`` only (FixRes' held-out halves)."""
         return ValLoader(self.beton, resize=self.decoder.resize, crop=self.decoder.crop, indices=indices, **self._args)
 
+    def sample_indices(self) -> np.ndarray:
+        """The split's indices of this process's images, in the order its batches hold them."""
+        return np.asarray(self.loader.traversal_order.sample_order(0))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
             yield _to_float(images), labels.to(torch.long, copy=True)
