@@ -28,7 +28,6 @@ from fasttricks.devices import autocast
 from fasttricks.recipes import AdversarialConfig
 from fasttricks.seeding import ATTACK, EVAL_ATTACK, stream_seed
 
-
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
