@@ -10,18 +10,20 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fasttricks.atomic import atomic_path
 from fasttricks.models import WeightsError, weights_file
 
-_NAME = re.compile(r"^s(\d+)-e(\d+)(?:-step(\d+))?(-avg)?$")
+ASIDE_PREFIX = ".replaced-"  # a checkpoint that a new save of its position is replacing
+_NAME = re.compile(r"^(?:\.replaced-)?s(\d+)-e(\d+)(?:-step(\d+))?(-avg)?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -39,8 +41,29 @@ class Position:
                 + ("-avg" if self.averaged else ""))
 
 
+class WriteFault(OSError):
+    """A file could not be written (a full disk, a quota, an I/O error); what was there is kept."""
+
+
+@contextmanager
+def writing(path: Path):
+    """Turn the ways a write fails (OSError, safetensors' and torch.save's own errors, which wrap
+    the system's message) into one ``WriteFault`` naming ``path``."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as e:
+        if isinstance(e, WriteFault) or (isinstance(e, RuntimeError) and "writ" not in str(e).lower()):
+            raise  # a RuntimeError that is not about writing is a bug: its traceback is wanted
+        raise WriteFault(f"could not write {path}: {str(e).strip()[:300]}") from None
+
+
 def save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
     """The network's tensors with ``info`` (JSON) in the safetensors metadata, atomically."""
+    with writing(Path(path)):
+        _save_weights(path, net, info)
+
+
+def _save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"fasttricks": json.dumps(info)})
@@ -72,13 +95,20 @@ def save_checkpoint(run_dir: Path, position: Position, net: nn.Module, info: dic
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / position.name()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    with writing(final):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        save_weights(tmp / "model.safetensors", net, info)
-        torch.save({**state, "position": asdict(position)}, tmp / "state.pt")
+        with writing(final):
+            _save_weights(tmp / "model.safetensors", net, info)
+            torch.save({**state, "position": asdict(position)}, tmp / "state.pt")
+        # A folder cannot replace a full one in one rename: the old one steps aside under a name that
+        # list_checkpoints still reads, so at every moment one complete checkpoint holds the position.
+        aside = root / f"{ASIDE_PREFIX}{final.name}"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -86,13 +116,15 @@ def save_checkpoint(run_dir: Path, position: Position, net: nn.Module, info: dic
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[Position, Path]]:
+    """The complete checkpoints of a run, oldest first; a position's checkpoint that a save left
+    aside (the process died between its two renames) counts where the new one is missing."""
     root = run_dir / "checkpoints"
-    found = []
-    for p in root.iterdir() if root.is_dir() else []:
+    found = {}
+    for p in sorted(root.iterdir(), key=lambda p: p.name.startswith(ASIDE_PREFIX)) if root.is_dir() else []:
         m = _NAME.match(p.name)
         if m and (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
-            found.append((Position(int(m[1]), int(m[2]), int(m[3] or 0), bool(m[4])), p))
-    return sorted(found)
+            found.setdefault(Position(int(m[1]), int(m[2]), int(m[3] or 0), bool(m[4])), p)
+    return sorted(found.items())
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -21,6 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 def _user_errors() -> tuple[type[Exception], ...]:
     from fasttricks.brainscore.export import ExportError
     from fasttricks.brainscore.local import BrainScoreError
+    from fasttricks.checkpoint import WriteFault
     from fasttricks.data.beton import BuildError
     from fasttricks.models import WeightsError
     from fasttricks.recipes import RecipeError
@@ -28,7 +29,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from fasttricks.train import TrainingDiverged
 
     return (BuildError, RecipeError, WeightsError, RunFolderError, TrainingDiverged, ExportError, BrainScoreError,
-            FileNotFoundError, FileExistsError, ValueError)
+            WriteFault, FileNotFoundError, FileExistsError, ValueError)
 
 
 def friendly(fn):

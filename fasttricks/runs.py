@@ -113,17 +113,12 @@ def check_resumable(out: Path) -> None:
 def lock(out: Path):
     """Hold ``out/.lock`` for the duration: a second process writing the same run folder is
     refused with the owner's pid. The lock is an ``flock``, which the kernel drops when its owner
-    dies, so a lock file left by a killed run is stale and simply taken over."""
+    dies, so a lock file left by a killed run is stale and simply taken over. The owner removes
+    the file when it ends, so a process that opened it just before may lock the removed file:
+    it checks, after locking, that the file it holds is still the one at ``.lock``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            owner = f.read().strip() or "unknown"
-            raise RunFolderError(f"{out} is being written by another process (pid {owner}, {path}); "
-                                 f"wait for it to end, or choose another --out") from None
+    with _locked(path, out) as f:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -133,6 +128,27 @@ def lock(out: Path):
         finally:
             path.unlink(missing_ok=True)  # while still held: a finished run leaves no lock file
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _locked(path: Path, out: Path):
+    """``path`` opened and exclusively locked, the file at ``path`` now (not a removed one)."""
+    while True:
+        f = open(path, "a+")  # noqa: SIM115 (returned open, held by the caller's with)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise RunFolderError(f"{out} is being written by another process (pid {owner}, {path}); "
+                                 f"wait for it to end, or choose another --out") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return f
+        f.close()  # its owner removed it between our open and our lock: take the one in place now
 
 
 def recipe_for_train(name: str | None, overrides: list, sets: list[str], *, out: Path | None, resume: bool,

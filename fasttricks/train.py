@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,15 @@ from fasttricks.augment import stage_augmentation
 from fasttricks.augment.heavy import seeded, step_seed
 from fasttricks.augment.mixing import mix
 from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
-from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, read_info, save_checkpoint, save_weights
+from fasttricks.checkpoint import (
+    Position,
+    WriteFault,
+    list_checkpoints,
+    load_checkpoint,
+    read_info,
+    save_checkpoint,
+    save_weights,
+)
 from fasttricks.data.classes import checked_manifests
 from fasttricks.data.loader import TrainLoader, beton_paths
 from fasttricks.devices import autocast, compile_enabled, default_device
@@ -131,7 +139,8 @@ class Run:
     def save(self, position: Position, state: dict) -> Path | None:
         if not self.is_main:
             return None
-        return save_checkpoint(self.out, position, self.model.net, self.info, state)
+        with kept_on_write_fault(self.out):
+            return save_checkpoint(self.out, position, self.model.net, self.info, state)
 
 
 def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *, device: torch.device | None = None,
@@ -435,6 +444,18 @@ def _describe_accuracy(row: dict) -> str:
                       for split in ("val", "val_clutter") if f"{split}_top1" in row)
 
 
+@contextmanager
+def kept_on_write_fault(out: Path):
+    """A checkpoint or the final model that cannot be written ends the run in one line: the file,
+    the system's message, and the last complete checkpoint, which is kept (writes are atomic)."""
+    try:
+        yield
+    except WriteFault as e:
+        kept = list_checkpoints(out)
+        where = f"the last complete checkpoint, {kept[-1][1]}, is kept" if kept else "no checkpoint was complete yet"
+        raise WriteFault(f"{e}; {where}. Free space and continue with --resume") from None
+
+
 def _check_finite(run: Run, stage: StageConfig, epoch: int, first_bad: torch.Tensor) -> None:
     bad = distributed.earliest_step(first_bad)  # agreed: every rank raises the same, together
     if bad >= 0:
@@ -509,8 +530,9 @@ def _finish(run: Run, seconds: float) -> dict:
         summary.update(_final_accuracy(run, summary["test_resize"], summary["test_crop"], attack))
         summary["metrics_at"] = {"resize": summary["test_resize"], "crop": summary["test_crop"]}
     if run.is_main:
-        save_weights(run.out / "final.safetensors", run.model.net, run.info)
-        runs.write_json(run.out / "summary.json", summary)
+        with kept_on_write_fault(run.out):
+            save_weights(run.out / "final.safetensors", run.model.net, run.info)
+            runs.write_json(run.out / "summary.json", summary)
         _write_curves(run)  # with the final robust accuracy
     return summary
 

@@ -5,7 +5,9 @@ a time, and `train`'s defaults on the toy set run in CPU-minutes."""
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -162,3 +164,103 @@ def test_evaluation_every_k_epochs_and_always_at_a_stages_end(toy_data, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert ["val_top1" in r for r in rows] == [False, True, False, True, True]
     assert summary["val_top1"] == rows[-1]["val_top1"]
+
+
+def _lock_after_a_pause(out, opened, go, result):
+    """Opens .lock, then waits (as a process descheduled between its open and its flock would)."""
+    real_open, paused = open, []
+
+    def slow_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        if not paused:
+            paused.append(True)
+            opened.set()
+            go.wait(30)
+        return f
+
+    runs.open = slow_open  # this child's copy of the module only
+    try:
+        with runs.lock(out):
+            result.put("acquired")
+    except RunFolderError as e:
+        result.put(str(e))
+
+
+def test_three_processes_racing_for_a_lock_its_owner_removes_get_one_writer(tmp_path):
+    out = tmp_path / "r"
+    ctx = mp.get_context("fork")
+    a_ready, a_release, c_ready, c_release, opened, go = (ctx.Event() for _ in range(6))
+    result = ctx.Queue()
+    a = ctx.Process(target=_hold_lock, args=(out, a_ready, a_release))
+    a.start()
+    assert a_ready.wait(30)
+    b = ctx.Process(target=_lock_after_a_pause, args=(out, opened, go, result))
+    b.start()
+    c = ctx.Process(target=_hold_lock, args=(out, c_ready, c_release))
+    try:
+        assert opened.wait(30)  # B holds A's lock file open, not yet locked
+        a_release.set()
+        a.join(30)  # A ends: its .lock is removed and unlocked
+        c.start()
+        assert c_ready.wait(30)  # C creates a new .lock and holds it
+        go.set()  # B locks the file it opened: A's removed one
+        assert re.search(rf"another process \(pid {c.pid}", result.get(timeout=30))  # refused: C is the writer
+    finally:
+        go.set()
+        c_release.set()
+        for p in (a, b, c):
+            p.join(30)
+
+
+def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_checkpoint(toy_data, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from fasttricks import checkpoint
+
+    real_save, calls = checkpoint.save_file, []
+
+    def disk_full_on_the_second_checkpoint(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:  # safetensors' own words for ENOSPC
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_on_the_second_checkpoint)
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--out", str(out), "--override", "overrides/toy",
+                                      "--set", "stages.0.epochs=3", "--set", "data.val_resize=48",
+                                      "--set", "data.val_crop=40"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"could not write {out / 'checkpoints' / 's0-e002'}: Error while serializing: I/O error: No space" in text
+    assert f"the last complete checkpoint, {out / 'checkpoints' / 's0-e001'}, is kept" in text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["s0-e001"]  # no half-written folder
+    assert not (out / "final.safetensors").exists()
+
+
+def test_a_checkpoint_saved_again_at_its_position_is_never_absent(tmp_path, monkeypatch):
+    """Between setting the old folder aside and renaming the new one in place, the old one still counts."""
+    from fasttricks import checkpoint
+    from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
+    from fasttricks.models import create_model
+    from fasttricks.recipes import ModelConfig
+
+    net = create_model(ModelConfig(arch="test_efficientnet"), 10).net
+    first = save_checkpoint(tmp_path, Position(0, 1), net, {"arch": "test_efficientnet"}, {"n": 1})
+    real_replace = os.replace
+
+    def die_before_the_new_one_lands(src, dst):
+        if Path(src).parent == tmp_path / "checkpoints" and Path(src).name.startswith(".s0-e001."):
+            raise KeyboardInterrupt  # the process ends between the two renames
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", die_before_the_new_one_lands)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, Position(0, 1), net, {"arch": "test_efficientnet"}, {"n": 2})
+    assert not first.exists()  # the window: the old folder is aside, the new one not yet in place
+    [(position, path)] = list_checkpoints(tmp_path)
+    assert position == Position(0, 1) and load_checkpoint(path)[1]["n"] == 1  # the old one, complete
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert save_checkpoint(tmp_path, Position(0, 1), net, {"arch": "test_efficientnet"}, {"n": 3}) == first
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["s0-e001"]
+    assert load_checkpoint(first)[1]["n"] == 3
