@@ -212,7 +212,8 @@ def test_three_processes_racing_for_a_lock_its_owner_removes_get_one_writer(tmp_
             p.join(30)
 
 
-def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_checkpoint(toy_data, tmp_path, monkeypatch):
+def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_checkpoint(toy_data, tmp_path,
+                                                                                        monkeypatch):
     from safetensors import SafetensorError
 
     from fasttricks import checkpoint
@@ -227,8 +228,9 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_che
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full_on_the_second_checkpoint)
     out = tmp_path / "r"
-    result = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--out", str(out), "--override", "overrides/toy",
-                                      "--set", "stages.0.epochs=3", "--set", "data.val_resize=48",
+    result = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--out", str(out),
+                                      "--override", "overrides/toy", "--set", "stages.0.epochs=3",
+                                      "--set", "data.val_resize=48",
                                       "--set", "data.val_crop=40"])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "Traceback" not in result.output
