@@ -33,7 +33,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def friendly(fn):
-    """Known errors: message and exit 2. Ctrl-C in a training run: its message and exit 130."""
+    """Known errors: message and exit 2. Ctrl-C in a training run: its message and exit 130;
+    SIGTERM or SIGUSR1 (a scheduler's): its message and exit 75 (saved, to be resumed)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from fasttricks.train import Interrupted
@@ -41,8 +42,9 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
-            console.print(f"[yellow]{e}")
-            raise typer.Exit(130) from None
+            if str(e):  # rank 0's; the other ranks stay quiet
+                console.print(f"[yellow]{e}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
         except _user_errors() as e:
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # no line breaks inside paths to copy
             raise typer.Exit(2) from None

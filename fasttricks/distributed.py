@@ -128,11 +128,16 @@ def broadcast_weights(net: nn.Module) -> None:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is True on one (Ctrl-C reaches ranks at different steps)."""
+    return bool(any_rank_each([flag], device)[0])
+
+
+def any_rank_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag True on every rank when it is True on one: one all-reduce for all of them."""
     if dist_info()[1] == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t)
-    return bool(t.item())
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def sync_buffers(module: nn.Module) -> None:

@@ -21,7 +21,7 @@ import torch
 from timm.loss import JsdCrossEntropy
 from torch import nn
 
-from fasttricks import distributed, fixres, freezing, plots, runs, sam, syncguard
+from fasttricks import distributed, fixres, freezing, plots, runs, sam, slurm, syncguard
 from fasttricks.adversarial import attack_generator, describe_eps, pgd
 from fasttricks.augment import stage_augmentation
 from fasttricks.augment.heavy import seeded, step_seed
@@ -56,7 +56,16 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: the run was saved where it stood and can be resumed."""
+    """Ctrl-C or a scheduler's signal: the run was saved where it stood and can be resumed.
+    ``exit_code``: 130 after Ctrl-C, PREEMPTED (75) after SIGTERM or SIGUSR1. The message is
+    rank 0's (it saved); other ranks carry an empty one."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+PREEMPTED = 75  # sysexits' EX_TEMPFAIL: saved after SIGTERM/SIGUSR1, to be resumed (README, "Clusters")
 
 
 def training_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -400,8 +409,7 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
                                 {"optimizer": optimizer.state_dict(), **_rng_state(), **_ema_state(ema),
                                  "loss_sum": loss_sum.cpu(),
                                  "seen": seen, "seconds": seconds + time.perf_counter() - tic})
-                raise Interrupted(f"interrupted at {stage.name} epoch {epoch + 1} step {step + 1}; "
-                                  f"saved {path}. Continue with --resume.")
+                raise _interrupted_error(run, stage, epoch, step, path)
     seconds += time.perf_counter() - tic
     run.epoch_times.setdefault((s, res), []).append(seconds)
     run.info["train_resolution"] = res
@@ -430,8 +438,25 @@ def _interrupted(run: Run, step: int, steps: int) -> bool:
     after the same step."""
     if dist_info()[1] == 1:
         return run.interrupt.set
-    at_log_point = (step + 1) % LOG_EVERY == 0 or step + 1 == steps
-    return at_log_point and distributed.any_rank(run.interrupt.set, run.device)
+    if not ((step + 1) % LOG_EVERY == 0 or step + 1 == steps):
+        return False
+    # which signals reached any rank: every rank then stops, and exits, alike
+    seen = distributed.any_rank_each([s in run.interrupt.signals for s in run.interrupt.SIGNALS], run.device)
+    run.interrupt.signals = {s for s, flag in zip(run.interrupt.SIGNALS, seen, strict=True) if flag}
+    return bool(run.interrupt.signals)
+
+
+def _interrupted_error(run: Run, stage: StageConfig, epoch: int, step: int, path: Path | None) -> Interrupted:
+    """What stops the run after the save; under Slurm, a SIGUSR1 also requeues the job."""
+    signals = run.interrupt.signals
+    code = PREEMPTED if signals & {signal.SIGTERM, signal.SIGUSR1} else 130
+    if not run.is_main:
+        return Interrupted("", code)
+    message = (f"interrupted in {stage.name} epoch {epoch + 1} after step {step + 1}; saved {path}. "
+               f"Continue with --resume.")
+    if signal.SIGUSR1 in signals and os.environ.get("SLURM_JOB_ID"):
+        message += " " + slurm.requeue(os.environ["SLURM_JOB_ID"])
+    return Interrupted(message, code)
 
 
 def _describe_row(row: dict) -> str:
@@ -569,24 +594,39 @@ def _stopped(run: Run, epochs: int) -> dict:
 
 
 class _InterruptFlag:
-    """First Ctrl-C: finish the current step, save, exit. Second: stop at once."""
+    """Ctrl-C, SIGTERM (Kubernetes, torchrun's forwarding, Slurm at the time limit) and SIGUSR1
+    (Slurm's ``--signal=USR1@SECONDS``): finish the current step, save, exit. A second Ctrl-C
+    stops at once; a repeated scheduler signal changes nothing (the save is already coming)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.set = False
-        self._previous = None
+        self.signals: set[int] = set()  # the signals received (under DDP: by any rank, once agreed)
+        self._previous: dict = {}
+
+    @property
+    def set(self) -> bool:
+        return bool(self.signals)
 
     def __enter__(self) -> _InterruptFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
     def _handle(self, signum, frame) -> None:
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-        console.print("[yellow]Ctrl-C: saving after this step (press again to abort without saving)")
-
+        if signum in self.signals:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        first = not self.signals
+        self.signals.add(signum)
+        if not first:
+            return
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if dist_info()[0] == 0:
+            console.print(f"[yellow]{name}: saving after this step"
+                          + (" (press again to abort without saving)" if signum == signal.SIGINT else ""))

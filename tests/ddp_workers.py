@@ -139,6 +139,37 @@ def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -
         dist.destroy_process_group()
 
 
+def sigterm_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """Rank 1 alone gets SIGTERM during its 3rd step; each rank records how it stopped."""
+    import signal
+
+    from fasttricks import train as train_mod
+    from fasttricks.recipes import PIPELINES, load_recipe
+
+    _join(rank, world, port)
+    try:
+        real_step, calls = train_mod.training_step, []
+
+        def sigterm_on_one(*args, **kwargs):
+            calls.append(1)
+            if rank == 1 and len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(*args, **kwargs)
+
+        train_mod.training_step = sigterm_on_one
+        recipe = load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"],
+                             ["stages.0.epochs=2", "data.val_resize=48", "data.val_crop=40", "data.workers=1"])
+        try:
+            train_mod.train(recipe, data, out, device=torch.device("cpu"), show_progress=False)
+            stopped = {"finished": True}
+        except train_mod.Interrupted as e:
+            stopped = {"message": str(e), "exit_code": e.exit_code}
+        Path(out).parent.joinpath(f"rank{rank}.json").write_text(json.dumps({**stopped, "steps": len(calls)}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def robust_eval_attack():
     """A random start alone, large enough to move predictions: what robust accuracy then reads
     depends on each image's start (a gradient step would bring every figure to 0 here)."""

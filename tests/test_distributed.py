@@ -105,6 +105,16 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(to
     assert not (tmp_path / "r" / "checkpoints").exists() or not any((tmp_path / "r" / "checkpoints").iterdir())
 
 
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_rank_zero_saves(toy_data, tmp_path):
+    mp.spawn(ddp_workers.sigterm_on_rank_one, args=(2, _free_port(), str(toy_data), str(tmp_path / "r")), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # 200 images per rank, 32 per step: 6 steps an epoch; the ranks agree at the epoch's last step
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 6
+    assert ranks[0]["exit_code"] == ranks[1]["exit_code"] == 75
+    assert "saved" in ranks[0]["message"] and ranks[1]["message"] == ""  # rank 0 speaks for the run
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["s0-e000-step000006"]
+
+
 def test_sharded_evaluation_on_two_ranks_gives_the_numbers_of_one_process(toy_data, tmp_path):
     from fasttricks.evaluate import evaluate_splits, val_loaders
     from fasttricks.models import create_model

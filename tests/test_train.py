@@ -68,26 +68,54 @@ def test_resume_after_stopping_ends_exactly_where_the_uninterrupted_run_ends(ful
     assert _same_weights(tmp_path / "r" / "final.safetensors", out / "final.safetensors")
 
 
-def test_ctrl_c_saves_mid_epoch_and_resume_matches_the_uninterrupted_run(full_run, toy_data, tmp_path,
-                                                                         monkeypatch):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 75)], ids=["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_mid_epoch_and_resume_matches_the_uninterrupted_run(full_run, toy_data, tmp_path,
+                                                                                    monkeypatch, signum, code):
     out, _ = full_run
     calls = {"n": 0}
     real_step = train_mod.training_step
 
-    def step_then_ctrl_c(*args, **kwargs):
+    def step_then_signal(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 9:  # inside epoch 2 (6 steps of 64 per epoch)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "training_step", step_then_ctrl_c)
-    with pytest.raises(Interrupted, match="--resume"):
+    monkeypatch.setattr(train_mod, "training_step", step_then_signal)
+    with pytest.raises(Interrupted, match="--resume") as e:
         train(_recipe(), toy_data, tmp_path / "r", show_progress=False)
+    assert e.value.exit_code == code
     assert (tmp_path / "r" / "checkpoints" / "s0-e001-step000003").is_dir()
     monkeypatch.setattr(train_mod, "training_step", real_step)
     train(_recipe(), toy_data, tmp_path / "r", resume=True, show_progress=False)
     assert _rows(tmp_path / "r") == _rows(out)
     assert _same_weights(tmp_path / "r" / "final.safetensors", out / "final.safetensors")
+
+
+def test_sigusr1_under_slurm_saves_requeues_the_job_and_exits_75(toy_data, tmp_path, monkeypatch):
+    bin_dir, log = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')  # a stand-in for Slurm's
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    real_step, calls = train_mod.training_step, []
+
+    def step_then_usr1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # sbatch --signal=USR1@120
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "training_step", step_then_usr1)
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--out", str(out), "--override", str(TOY),
+                                      "--set", "data.val_resize=48", "--set", "data.val_crop=40"])
+    assert result.exit_code == 75, result.output
+    assert log.read_text().split() == ["requeue", "4242"]
+    text = " ".join(result.output.split())
+    assert "Slurm job 4242 requeued" in text and "Continue with --resume" in text
+    assert (out / "checkpoints" / "s0-e000-step000002").is_dir()
 
 
 def test_non_finite_loss_stops_naming_where_and_keeps_the_last_good_checkpoint(toy_data, tmp_path, monkeypatch):
