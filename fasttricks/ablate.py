@@ -24,6 +24,7 @@ import yaml
 from fasttricks import recipes, runs
 from fasttricks.adversarial import describe_eps
 from fasttricks.atomic import write_json, write_text
+from fasttricks.errors import InputError, InputMissing
 from fasttricks.progress import console
 from fasttricks.recipes import Recipe
 
@@ -35,7 +36,7 @@ def recipe_files(folder: Path) -> list[Path]:
     folder = recipes.recipe_folder(folder)
     files = sorted(p for p in folder.glob("*.yaml") if not p.name.startswith("_"))
     if not files:
-        raise FileNotFoundError(f"{folder} holds no recipe (*.yaml not starting with '_')")
+        raise InputMissing(f"{folder} holds no recipe (*.yaml not starting with '_')")
     return files
 
 
@@ -99,7 +100,7 @@ def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=()
            device: torch.device | None = None, seeds: int = 1, overwrite: bool = False) -> dict:
     """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md`` and ``.json``."""
     if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, not {seeds}")
+        raise InputError(f"--seeds must be at least 1, not {seeds}")
     files = recipe_files(folder)
     planned = _runs(files, out, overrides, sets, seeds)  # every recipe validated before any training
     _check_replacements(planned, overwrite)

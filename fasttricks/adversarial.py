@@ -25,6 +25,7 @@ from robustness.attack_steps import L2Step, LinfStep
 from torch import nn
 
 from fasttricks.devices import autocast
+from fasttricks.errors import InputError
 from fasttricks.recipes import AdversarialConfig
 from fasttricks.seeding import ATTACK, EVAL_ATTACK, stream_seed
 
@@ -148,8 +149,8 @@ def parse_attack(spec: str) -> AdversarialConfig:
         norm, eps, steps = spec.split(":")
         cfg = AdversarialConfig(norm=norm, eps=eps, steps=int(steps), step_size=0.0)
     except ValueError as e:
-        raise ValueError(f"--attack expects norm:eps:steps such as linf:8/255:20, not {spec!r} ({e})") from None
+        raise InputError(f"--attack expects norm:eps:steps such as linf:8/255:20, not {spec!r} ({e})") from None
     if cfg.steps < 1:
-        raise ValueError(f"--attack {spec!r}: an evaluation attack takes at least 1 step (PGD-10: "
+        raise InputError(f"--attack {spec!r}: an evaluation attack takes at least 1 step (PGD-10: "
                          f"{norm}:{eps}:10)")
     return cfg.model_copy(update={"step_size": 2.5 * cfg.eps / cfg.steps})

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fasttricks.checkpoint import read_info, save_weights
+from fasttricks.errors import InputError, OutputExists
 from fasttricks.models import WeightsError, weights_file
 
 
@@ -26,7 +27,7 @@ def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
     """The element-wise mean of floating tensors (accumulated in float64); integer buffers (batch
     counts) are taken from the last state."""
     if not states:
-        raise ValueError("nothing to average")
+        raise InputError("nothing to average")
     keys = states[0].keys()
     for i, s in enumerate(states[1:], start=1):
         if s.keys() != keys:
@@ -92,7 +93,7 @@ def recalibrate_batch_norm(model: nn.Module, net: nn.Module, batches: Iterable[t
             nn.Module.train(m, False)
         model.train(was_training)
     if seen == 0:
-        raise ValueError("no batches to recompute the batch-norm statistics from")
+        raise InputError("no batches to recompute the batch-norm statistics from")
     return seen
 
 
@@ -104,9 +105,9 @@ def average_command(paths: Sequence[Path], out: Path, *, data_dir: Path | None, 
     from fasttricks.models import classifier_for
 
     if len(paths) < 2:
-        raise ValueError("average needs at least two checkpoints")
+        raise InputError("average needs at least two checkpoints")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+        raise OutputExists(f"{out} exists; pass --overwrite to replace it")
     state, info = average_files(paths)
     model = classifier_for(info).to(device)
     model.net.load_state_dict(state)

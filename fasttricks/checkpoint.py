@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fasttricks.atomic import atomic_path
+from fasttricks.errors import UserError
 from fasttricks.models import WeightsError, weights_file
 
 ASIDE_PREFIX = ".replaced-"  # a checkpoint that a new save of its position is replacing
@@ -41,7 +42,7 @@ class Position:
                 + ("-avg" if self.averaged else ""))
 
 
-class WriteFault(OSError):
+class WriteFault(UserError, OSError):
     """A file could not be written (a full disk, a quota, an I/O error); what was there is kept."""
 
 

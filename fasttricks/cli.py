@@ -1,6 +1,6 @@
 """The ``fasttricks`` command: a thin typer layer over the library. Each command parses its
-options, calls one library function, and turns the library's known errors into one red line and
-exit status 2 instead of a traceback."""
+options, calls one library function, and turns bad input (``fasttricks.errors.UserError``) into one
+red line and exit status 2 instead of a traceback; any other error is a bug and shows its traceback."""
 
 from __future__ import annotations
 
@@ -12,28 +12,15 @@ from typing import Annotated
 import typer
 
 from fasttricks.data.toy import ToyOptions
+from fasttricks.errors import InputError, UserError
 from fasttricks.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Fast training of brain-like vision models (the 2022 Brain-Score winning recipe).")
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from fasttricks.brainscore.export import ExportError
-    from fasttricks.brainscore.local import BrainScoreError
-    from fasttricks.checkpoint import WriteFault
-    from fasttricks.data.beton import BuildError
-    from fasttricks.models import WeightsError
-    from fasttricks.recipes import RecipeError
-    from fasttricks.runs import RunFolderError
-    from fasttricks.train import TrainingDiverged
-
-    return (BuildError, RecipeError, WeightsError, RunFolderError, TrainingDiverged, ExportError, BrainScoreError,
-            WriteFault, FileNotFoundError, FileExistsError, ValueError)
-
-
 def friendly(fn):
-    """Known errors: message and exit 2. Ctrl-C in a training run: its message and exit 130;
+    """Bad input (``UserError``): its message and exit 2. Ctrl-C in a training run: its message and exit 130;
     SIGTERM or SIGUSR1 (a scheduler's): its message and exit 75 (saved, to be resumed)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -45,7 +32,7 @@ def friendly(fn):
             if str(e):  # rank 0's; the other ranks stay quiet
                 console.print(f"[yellow]{e}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
-        except _user_errors() as e:
+        except UserError as e:  # raised only where input is checked: anything else keeps its traceback
             console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # no line breaks inside paths to copy
             raise typer.Exit(2) from None
     return wrapper
@@ -74,11 +61,11 @@ def make_toy_cmd(
     from fasttricks.data.toy import SPLITS, make_toy
 
     if size < 16:
-        raise ValueError(f"--size must be at least 16 pixels, not {size}")
+        raise InputError(f"--size must be at least 16 pixels, not {size}")
     if not 0 <= train_photo_backgrounds <= 1:
-        raise ValueError(f"--train-photo-backgrounds is a share in [0, 1], not {train_photo_backgrounds}")
+        raise InputError(f"--train-photo-backgrounds is a share in [0, 1], not {train_photo_backgrounds}")
     if not 0 < clutter_radius[0] <= clutter_radius[1] < 0.5:
-        raise ValueError(f"--clutter-radius needs 0 < low <= high < 0.5 (the object must fit), not {clutter_radius}")
+        raise InputError(f"--clutter-radius needs 0 < low <= high < 0.5 (the object must fit), not {clutter_radius}")
     opts = ToyOptions(seed, size, train_per_class, val_per_class, clutter_per_class, train_photo_backgrounds,
                       clutter_radius)
     make_toy(out, opts, overwrite=overwrite)
@@ -148,9 +135,15 @@ def train(
         help="with --data toy and no --override: apply the recipe's toy override (a tiny model and budget "
         "for a CPU)")] = True,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu; default: cuda if present")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="print the resolved recipe, each stage's epochs and resolutions, and the data it would read; "
+        "write nothing")] = False,
 ):
     """Train a recipe (all its stages) and leave a run folder with metrics, checkpoints and a summary.
-    Under torchrun (several processes), trains with DDP; rank 0 writes the run folder."""
+    Under torchrun (several processes), trains with DDP; rank 0 writes the run folder. An override
+    changes size and budget; the experiment keys your own recipe file sets (eps, step, lr,
+    augmentation, mixing) win over it, and a line lists what it changed. SIGTERM/SIGUSR1 save and
+    exit 75 (Slurm: the job is requeued), Ctrl-C saves and exits 130; --resume continues."""
     import torch
 
     from fasttricks.data.sources import resolve_data
@@ -160,6 +153,12 @@ def train(
 
     r, out = recipe_for_train(recipe, override or [], set_ or [], out=out, resume=resume,
                               toy=data == "toy" and toy_settings)
+    if dry_run:
+        from fasttricks.plan import describe_plan
+
+        for line in [*r.notes(), *describe_plan(r, resolve_data(data), out)]:
+            print(line)
+        return
     with process_group(torch.device(device) if device else None) as dev:  # torchrun: one process per device
         summary = run_training(r, resolve_data(data), out, device=dev, resume=resume, overwrite=overwrite,
                                stop_after=stop_after)
@@ -286,7 +285,7 @@ def _pair(text: str) -> tuple[int, int]:
     try:
         return resize_crop(text)
     except ValueError as e:
-        raise ValueError(f"--size: {e}") from None
+        raise InputError(f"--size: {e}") from None
 
 
 @app.command("fixres")
@@ -318,7 +317,7 @@ def fixres_cmd(
     try:
         benchmark_of(metric)
     except ValueError as e:
-        raise ValueError(f"--metric: {e}") from None
+        raise InputError(f"--metric: {e}") from None
     result = fixres_command(weights, resolve_data(data), sizes=_sizes(sizes) if sizes else None, metric=metric,
                             held_out=held_out, batch_size=batch_size, out_dir=out,
                             device=torch.device(device) if device else default_device())

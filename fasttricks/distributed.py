@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fasttricks.errors import InputError
+
 
 def dist_info() -> tuple[int, int]:
     """(rank, world size) of the process group, (0, 1) without one."""
@@ -99,7 +101,7 @@ def earliest_step(first_bad: torch.Tensor) -> int:
 def per_process_batch(batch_size: int) -> int:
     _, world = dist_info()
     if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} (the global batch) does not divide among {world} processes")
+        raise InputError(f"batch_size {batch_size} (the global batch) does not divide among {world} processes")
     return batch_size // world
 
 

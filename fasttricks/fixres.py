@@ -24,6 +24,7 @@ from torch import nn
 from fasttricks.atomic import atomic_path, write_json, write_text
 from fasttricks.checkpoint import update_info
 from fasttricks.data.loader import ValLoader
+from fasttricks.errors import InputError
 from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import FIXRES_SPLITS, FixResFineTuneConfig, resize_crop
@@ -38,7 +39,7 @@ def benchmark_of(metric: str) -> str | None:
     if metric.startswith(BRAINSCORE) and metric[len(BRAINSCORE):].strip():
         return metric[len(BRAINSCORE):].strip()
     if metric not in FIXRES_SPLITS:
-        raise ValueError(f"FixRes metric {metric!r}: expected val, val_clutter or brainscore:BENCHMARK "
+        raise InputError(f"FixRes metric {metric!r}: expected val, val_clutter or brainscore:BENCHMARK "
                          f"(e.g. brainscore:Rajalingham2018public-i2n)")
     return None
 
@@ -57,7 +58,7 @@ def size_pairs(sizes: list[int | str], ratio: float) -> list[tuple[int, int]]:
     """(resize, crop) for each size: a crop is resized at the training ``ratio``, a ``"R/C"`` pair
     is taken as written. Sorted by crop, then resize; duplicates dropped."""
     if not 0 < ratio <= 1:
-        raise ValueError(f"crop/resize ratio must lie in (0, 1], not {ratio}")
+        raise InputError(f"crop/resize ratio must lie in (0, 1], not {ratio}")
     pairs = set()
     for size in sizes:
         if isinstance(size, str):
@@ -85,7 +86,7 @@ def best(rows: list[dict], metric: str = "val_top1") -> dict:
     """The row with the highest ``metric`` (a column of the curve); on a tie, the smallest size
     (cheaper to run)."""
     if metric not in rows[0]:
-        raise ValueError(f"fixres metric {metric!r}: the data has no such split (have: "
+        raise InputError(f"fixres metric {metric!r}: the data has no such split (have: "
                          f"{', '.join(k for k in rows[0] if k.endswith('_top1'))})")
     return max(rows, key=lambda r: (r[metric], -r["crop"], -r["resize"]))
 
@@ -219,7 +220,7 @@ def choose(model: nn.Module, loaders: dict[str, ValLoader], sizes: list[tuple[in
     its own curve (Brain-Score's private benchmarks, scored on its servers, are the held-out figure)."""
     benchmark = benchmark_of(metric)
     if benchmark is not None and score_size is None:
-        raise ValueError(f"FixRes metric {metric}: scoring needs the model as a plugin; "
+        raise InputError(f"FixRes metric {metric}: scoring needs the model as a plugin; "
                          f"run `fasttricks fixres RUN --metric {metric}` on the trained model")
     split_half = held_out and benchmark is None
     pick, report = halves(loaders) if split_half else (loaders, None)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from fasttricks.errors import InputError
+
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 _BEFORE = "_fasttricks_requires_grad"
 
@@ -36,7 +38,7 @@ def block_names(net: nn.Module) -> tuple[list[str], list[str]]:
         elif not blocks:
             stem.append(name)
     if not blocks:
-        raise ValueError(f"{type(net).__name__} has no nn.Sequential stages of blocks; "
+        raise InputError(f"{type(net).__name__} has no nn.Sequential stages of blocks; "
                          "freeze it by module-name prefixes instead of first_half")
     return stem, blocks
 
@@ -55,7 +57,7 @@ def resolve(net: nn.Module, spec: str | Sequence[str] | None) -> list[str]:
     names = {n for n, _ in net.named_modules()}
     unknown = [p for p in spec if p not in names]
     if unknown:
-        raise ValueError(f"freeze: no module named {', '.join(unknown)} in {type(net).__name__} "
+        raise InputError(f"freeze: no module named {', '.join(unknown)} in {type(net).__name__} "
                          f"(top-level modules: {', '.join(n for n, _ in net.named_children())})")
     return list(spec)
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from fasttricks.errors import InputError, UserError
 from fasttricks.progress import console
 from fasttricks.recipes import ModelConfig
 
@@ -22,7 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file that cannot be loaded into the model; the message says why."""
 
 
@@ -58,7 +59,7 @@ def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Cla
             timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
-            raise ValueError(f"model.arch / model.pretrained: timm has no model {tagged or cfg.arch!r} "
+            raise InputError(f"model.arch / model.pretrained: timm has no model {tagged or cfg.arch!r} "
                              f"(see timm.list_models() and timm.list_pretrained())") from None
         raise
     if cfg.weights and not tagged:  # with a tag, timm has read the file already

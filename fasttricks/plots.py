@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from fasttricks.atomic import atomic_path
+from fasttricks.errors import InputError
 from fasttricks.runs import read_metrics, saved_recipe
 
 PANELS = {"train_loss": "train loss", "lr": "learning rate", "resolution": "training resolution (px)",
@@ -43,7 +44,7 @@ def plot(runs: list[Path], out: Path) -> Path:
     data = {run: curves(run) for run in runs}
     keys = [k for k in PANELS if any(k in d for d in data.values())]
     if not keys:
-        raise ValueError(f"no metrics to plot in {', '.join(map(str, runs))} (no metrics.jsonl rows yet)")
+        raise InputError(f"no metrics to plot in {', '.join(map(str, runs))} (no metrics.jsonl rows yet)")
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
     boundaries = saved_recipe(runs[0]).stage_starts()[1:]  # stage boundaries of the first run

@@ -30,6 +30,8 @@ from pydantic import (
     model_validator,
 )
 
+from fasttricks.errors import InputMissing, UserError
+
 
 def _pipelines() -> Path:
     """The shipped recipes: ``fasttricks/pipelines/`` in an installed wheel, the repo's top-level
@@ -42,7 +44,7 @@ def _pipelines() -> Path:
 PIPELINES = _pipelines()
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the key and what it accepts."""
 
 
@@ -625,7 +627,7 @@ def recipe_folder(name_or_path: str | os.PathLike) -> Path:
     shipped = PIPELINES / str(name_or_path).removeprefix("pipelines/")
     if shipped.is_dir():
         return shipped
-    raise FileNotFoundError(f"{name_or_path} is not a folder of recipes (shipped: table1, table2)")
+    raise InputMissing(f"{name_or_path} is not a folder of recipes (shipped: table1, table2)")
 
 
 def _read_yaml(path: Path) -> dict:

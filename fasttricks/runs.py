@@ -22,13 +22,14 @@ import yaml
 
 from fasttricks import recipes
 from fasttricks.atomic import write_json, write_text
+from fasttricks.errors import UserError
 from fasttricks.progress import console
 
 PACKAGES = ("fasttricks", "torch", "torchvision", "ffcv", "numba", "numpy", "timm", "kornia", "robustness",
             "brainscore-vision")
 
 
-class RunFolderError(FileExistsError):
+class RunFolderError(UserError, FileExistsError):
     pass
 
 

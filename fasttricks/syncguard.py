@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fasttricks.errors import InputError
+
 SYNCING_OPS = {
     "_local_scalar_dense": "reads a value back to the host (.item(), bool(), int(), float(), a Python if)",
     "is_nonzero": "reads a value back to the host (bool() of a tensor)",
@@ -77,7 +79,7 @@ def guard(device: torch.device, compiled: bool = False):
     torch.compile cannot trace through (a dispatch mode), so it checks eager steps only."""
     if device.type != "cuda":
         if compiled:
-            raise ValueError("FASTTRICKS_CHECK_SYNCS=1 on the CPU checks eager steps only: run it with "
+            raise InputError("FASTTRICKS_CHECK_SYNCS=1 on the CPU checks eager steps only: run it with "
                              "--set model.compile=false")
         with no_host_sync():
             yield

@@ -8,6 +8,7 @@ function of (seed, epoch, sample or step), so ``--resume`` reproduces the uninte
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -40,6 +41,7 @@ from fasttricks.data.classes import checked_manifests
 from fasttricks.data.loader import TrainLoader, beton_paths
 from fasttricks.devices import autocast, compile_enabled, default_device
 from fasttricks.distributed import dist_info
+from fasttricks.errors import UserError
 from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
 from fasttricks.models import Classifier, create_model, load_weights
 from fasttricks.progress import console, progress_bar
@@ -51,7 +53,7 @@ from fasttricks.tracking import Tracker
 LOG_EVERY = 20  # steps between progress updates, the only syncs of a step
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -172,12 +174,20 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     _check_batch_sizes(recipe, train_manifest["images"], world)
     if resume and rank == 0:
         runs.check_resumable(out)
-    with runs.lock(out) if rank == 0 else nullcontext():
-        if rank == 0:
-            recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite)
-        distributed.barrier()  # the folder is ready (or cleared) before any rank looks into it
-        return _train(recipe, data_dir, paths, classes, out, device, resume=resume, stop_after=stop_after,
-                      show_progress=show_progress)
+    created = not out.exists()
+    try:
+        with runs.lock(out) if rank == 0 else nullcontext():
+            if rank == 0:
+                recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite)
+            distributed.barrier()  # the folder is ready (or cleared) before any rank looks into it
+            return _train(recipe, data_dir, paths, classes, out, device, resume=resume, stop_after=stop_after,
+                          show_progress=show_progress)
+    except UserError:
+        # refused before its first checkpoint (an unknown architecture or module to freeze, say):
+        # the folder this call made holds no run, so it goes
+        if rank == 0 and created and not runs.is_run(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out: Path, device: torch.device, *,

@@ -266,3 +266,45 @@ def test_a_checkpoint_saved_again_at_its_position_is_never_absent(tmp_path, monk
     assert save_checkpoint(tmp_path, Position(0, 1), net, {"arch": "test_efficientnet"}, {"n": 3}) == first
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["s0-e001"]
     assert load_checkpoint(first)[1]["n"] == 3
+
+
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch):
+    from fasttricks import evaluate
+
+    runner = CliRunner()
+    zero = runner.invoke(app, ["eval", "no-such.safetensors", "--attack", "linf:8/255:0"])
+    assert zero.exit_code == 2 and "an evaluation attack takes at least 1 step" in " ".join(zero.output.split())
+    assert "Traceback" not in zero.output and "ZeroDivisionError" not in zero.output
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug inside fasttricks")
+
+    monkeypatch.setattr(evaluate, "eval_command", bug)
+    result = runner.invoke(app, ["eval", "no-such.safetensors"])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)  # not shortened into "error: ..."
+    assert "error:" not in result.output
+
+
+def test_dry_run_prints_the_resolved_plan_and_writes_nothing(toy_data, tmp_path):
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["train", "--recipe", "winner", "--data", str(toy_data), "--out", str(out),
+                                      "--override", "overrides/toy-winner.yaml", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "name: winner" in text and "arch: test_efficientnet" in text  # the resolved recipe, as saved
+    assert "stage 0 'adversarial': epochs 1-20 of 25" in text and "PGD-2 linf ε 2/255 step 1/255" in text
+    assert "resolution 40 px x7, 48 px x5, 56 px x8" in text  # the ramp from epoch 4 to 14, rounded to 8
+    assert "then: the FixRes test-size sweep" in text
+    assert "stage 1 'behaviour': epochs 21-25 of 25" in text and "frozen first_half" in text
+    assert f"data train: {toy_data / 'train.beton'} (400 images, 10 classes)" in text
+    assert "overrides/toy-winner.yaml also changes the experiment" in text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["model.arch=no_such_net", "stages.0.freeze=[no_such_module]"])
+def test_a_recipe_refused_at_its_start_leaves_no_run_folder(toy_data, tmp_path, bad):
+    out = tmp_path / "r"
+    result = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--out", str(out), "--override",
+                                      "overrides/toy", "--set", bad])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert not out.exists()

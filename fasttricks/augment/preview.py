@@ -18,6 +18,7 @@ from fasttricks.augment.heavy import seeded, step_seed  # noqa: E402
 from fasttricks.augment.mixing import one_hot  # noqa: E402
 from fasttricks.data.beton import read_manifest  # noqa: E402
 from fasttricks.data.loader import TrainLoader, beton_paths  # noqa: E402
+from fasttricks.errors import InputError
 from fasttricks.recipes import Recipe  # noqa: E402
 from fasttricks.schedules import resolution_at  # noqa: E402
 
@@ -35,14 +36,14 @@ def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.Path
     from fasttricks.train import augment_and_mix
 
     if not 0 <= stage < len(recipe.stages):
-        raise ValueError(f"--stage must be in 0..{len(recipe.stages) - 1}, not {stage}")
+        raise InputError(f"--stage must be in 0..{len(recipe.stages) - 1}, not {stage}")
     cfg = recipe.stages[stage]
     if cfg.augment is None and cfg.augmix is None and cfg.mixing is None:
         with_aug = [i for i, s in enumerate(recipe.stages)
                     if s.augment is not None or s.augmix is not None or s.mixing is not None]
         hint = (f"; stage(s) {', '.join(map(str, with_aug))} have: --stage {with_aug[0]}" if with_aug
                 else "; choose a recipe that has, e.g. pipelines/table1/5-heavy-aug-fcutmix.yaml")
-        raise ValueError(f"{recipe.name} stage {stage} ({cfg.name!r}) has no augmentation or mixing: both rows of "
+        raise InputError(f"{recipe.name} stage {stage} ({cfg.name!r}) has no augmentation or mixing: both rows of "
                          f"the grid would be the same images{hint}")
     paths = beton_paths(data_dir)
     classes = read_manifest(paths["train"])["classes"]

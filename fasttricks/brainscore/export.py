@@ -23,6 +23,7 @@ import yaml
 
 from fasttricks.brainscore.layers import READOUT, candidate_layers, default_region_map
 from fasttricks.checkpoint import read_info
+from fasttricks.errors import UserError
 from fasttricks.models import WeightsError, weights_file
 
 PLUGIN_MODEL = Path(__file__).with_name("plugin_model.py")
@@ -36,7 +37,7 @@ REQUIREMENTS = {"torch": "", "timm": ">=1.0.9", "safetensors": ">=0.4", "numpy":
                 "opencv-python-headless": ""}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A run or an option that cannot be exported; the message names it."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fasttricks.errors import InputError
 from fasttricks.freezing import block_names
 
 READOUT = "global_pool"
@@ -24,7 +25,7 @@ def candidate_layers(net: nn.Module) -> list[str]:
     """Stages, blocks and second-half block convolutions in forward order, then the read-out."""
     modules = dict(net.named_modules())
     if READOUT not in modules:
-        raise ValueError(f"{type(net).__name__} has no {READOUT!r} module for the behavioural read-out")
+        raise InputError(f"{type(net).__name__} has no {READOUT!r} module for the behavioural read-out")
     _, blocks = block_names(net)
     second_half = set(blocks[len(blocks) // 2:])
     stage_of = {b: b.rsplit(".", 1)[0] for b in blocks}

@@ -20,11 +20,12 @@ import numpy as np
 from fasttricks.atomic import atomic_path, write_json
 from fasttricks.brainscore.export import ExportError, export, find_weights, identifier_for, run_folder, sha1
 from fasttricks.checkpoint import read_info
+from fasttricks.errors import InputMissing, UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-class BrainScoreError(RuntimeError):
+class BrainScoreError(UserError, RuntimeError):
     """Scoring could not run; the message says what is missing and where it goes."""
 
 
@@ -76,9 +77,9 @@ def image_files(items: list[Path]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"{item} does not exist")
+            raise InputMissing(f"{item} does not exist")
     if not files:
-        raise FileNotFoundError(f"no image in {', '.join(map(str, items))} ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise InputMissing(f"no image in {', '.join(map(str, items))} ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 

@@ -22,13 +22,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fasttricks.atomic import atomic_path, write_json
+from fasttricks.errors import UserError
 from fasttricks.progress import progress_bar
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 
 
-class BuildError(Exception):
+class BuildError(UserError):
     """A beton cannot be built from what was given; the message names the file or option."""
 
 

@@ -23,6 +23,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fasttricks.errors import InputError
+
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -192,7 +194,7 @@ class CentreCropDecoder(SeededRandomResizedCropFlip):
         """May change between epochs, like ``output_size`` (a FixRes sweep re-uses one compiled
         loader for every test size)."""
         if not 0 < crop <= resize:
-            raise ValueError(f"the validation crop ({crop}) must be positive and at most the resize ({resize})")
+            raise InputError(f"the validation crop ({crop}) must be positive and at most the resize ({resize})")
         self.centre_ratio = crop / resize
         self.resize, self.crop = resize, crop
         self.output_size = (crop, crop)

@@ -18,6 +18,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from fasttricks.data.crops import CentreCropDecoder, SeededRandomResizedCropFlip
 from fasttricks.distributed import default_workers, dist_info
+from fasttricks.errors import InputError, InputMissing
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -104,7 +105,7 @@ class TrainLoader:
             self.loader.traversal_order = self.order
             self.loader.first_traversal_order = self.order.sample_order(0)
         if len(self.loader) == 0:
-            raise ValueError(f"{beton} holds fewer images per process than one batch ({batch_size}); "
+            raise InputError(f"{beton} holds fewer images per process than one batch ({batch_size}); "
                              "lower the batch size")
 
     def __len__(self) -> int:
@@ -113,7 +114,7 @@ class TrainLoader:
     def epoch(self, epoch: int, resolution: int, skip_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches at ``resolution``, starting after ``skip_batches`` batches."""
         if skip_batches and self.order is None:
-            raise ValueError("resuming inside an epoch needs order: random")
+            raise InputError("resuming inside an epoch needs order: random")
         self.decoder.output_size = (resolution, resolution)
         self.decoder.set_epoch(epoch)
         if self.order is not None:
@@ -200,8 +201,8 @@ def beton_paths(data_dir: str | os.PathLike) -> dict[str, Path]:
     paths = {split: data_dir / f"{split}.beton" for split in ("train", "val", "val_clutter")}
     for split in ("train", "val"):
         if not paths[split].is_file():
-            raise FileNotFoundError(f"{paths[split]} is missing: a data folder holds train.beton and "
-                                    f"val.beton made by `fasttricks build-beton` (or use --data toy)")
+            raise InputMissing(f"{paths[split]} is missing: a data folder holds train.beton and "
+                               f"val.beton made by `fasttricks build-beton` (or use --data toy)")
     if not paths["val_clutter"].is_file():
         del paths["val_clutter"]
     return paths

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fasttricks.data.beton import BetonOptions, build_beton
 from fasttricks.data.toy import SPLITS, ToyOptions, make_toy
+from fasttricks.errors import InputMissing
 
 TOY = "toy"
 
@@ -28,10 +29,10 @@ def resolve_data(data: str | os.PathLike, *, show_progress: bool = True) -> Path
         return ensure_toy_data(ToyOptions(), show_progress=show_progress)
     path = Path(data)
     if not path.is_dir():
-        raise FileNotFoundError(f"--data {data}: no such folder (give a folder of betons, or 'toy')")
+        raise InputMissing(f"--data {data}: no such folder (give a folder of betons, or 'toy')")
     if not (path / "train.beton").is_file() and (path / "train").is_dir():
-        raise FileNotFoundError(f"--data {data} holds image folders, not betons; compile them first:\n"
-                                + "\n".join(f"  {cmd}" for cmd in build_commands(path)))
+        raise InputMissing(f"--data {data} holds image folders, not betons; compile them first:\n"
+                           + "\n".join(f"  {cmd}" for cmd in build_commands(path)))
     data_classes(path)
     return path
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fasttricks.errors import OutputExists
 from fasttricks.progress import progress_bar
 
 SPLITS = {"train": 0, "val": 1, "val_clutter": 2}
@@ -225,7 +226,7 @@ def make_toy(out: str | os.PathLike, opts: ToyOptions = ToyOptions(), *, overwri
     out = Path(out)
     if out.exists():
         if not overwrite:
-            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+            raise OutputExists(f"{out} exists; pass --overwrite to replace it")
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

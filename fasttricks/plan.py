@@ -1,0 +1,66 @@
+"""``train --dry-run``: what a run would do, read from the resolved recipe and the data folder,
+without touching a run folder: the recipe as it will be saved, each stage's epochs, resolutions and
+attack, and the betons with their image counts."""
+
+from __future__ import annotations
+
+import os
+from itertools import groupby
+from pathlib import Path
+
+from fasttricks import recipes
+from fasttricks.adversarial import describe_eps
+from fasttricks.data.classes import checked_manifests
+from fasttricks.data.loader import beton_paths
+from fasttricks.recipes import Recipe, StageConfig
+from fasttricks.schedules import resolution_at
+
+
+def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> list[str]:
+    """Lines that say what ``train`` would do; the data folder's splits are checked as train checks them."""
+    recipe.check_start()
+    manifests = checked_manifests(data_dir)
+    lines = ["# resolved recipe (saved as config.yaml)", *recipes.dump(recipe).rstrip().split("\n"), "",
+             f"run folder: {out}"]
+    starts = recipe.stage_starts()
+    for i, stage in enumerate(recipe.stages):
+        lines.append(f"stage {i} {stage.name!r}: epochs {starts[i] + 1}-{starts[i] + stage.epochs} of "
+                     f"{recipe.total_epochs()}, batch {stage.batch_size}, {stage.optimizer.name} lr "
+                     f"{stage.peak_lr():.4g}; resolution {_resolutions(stage)}" + _extras(stage))
+    if recipe.fixres is not None:
+        lines.append("then: the FixRes test-size sweep" + (" and fine-tuning" if recipe.fixres.finetune else ""))
+    attack = recipe.evaluation.attack
+    if attack is not None:
+        lines.append(f"final evaluation: robust top-1 under {attack.norm} {describe_eps(attack)}, PGD-{attack.steps}")
+    for split, path in beton_paths(data_dir).items():
+        lines.append(f"data {split}: {path} ({manifests[split]['images']} images, "
+                     f"{len(manifests[split]['classes'])} classes)")
+    return lines
+
+
+def _resolutions(stage: StageConfig) -> str:
+    """``40 px x4, 48 px x2, 56 px x14``: each resolution and for how many epochs, in order."""
+    runs = [(res, len(list(group))) for res, group in
+            groupby(resolution_at(stage.resolution, e) for e in range(stage.epochs))]
+    return ", ".join(f"{res} px x{n}" for res, n in runs)
+
+
+def _extras(stage: StageConfig) -> str:
+    parts = []
+    if stage.adversarial is not None:
+        a = stage.adversarial
+        step = f"{a.step_size * 255:.3g}/255" if a.norm == "linf" else f"{a.step_size:.3g}"
+        parts.append(f"PGD-{a.steps} {a.norm} ε {describe_eps(a)} step {step}")
+    if stage.freeze:
+        parts.append(f"frozen {stage.freeze if isinstance(stage.freeze, str) else len(stage.freeze)}")
+    if stage.augment is not None:
+        parts.append("heavy augmentation")
+    if stage.augmix is not None:
+        parts.append("AugMix")
+    if stage.mixing is not None:
+        parts.append(stage.mixing.kind)
+    if stage.optimizer.sam is not None:
+        parts.append("SAM")
+    if stage.average is not None:
+        parts.append("weight averaging")
+    return "; " + ", ".join(parts) if parts else ""
