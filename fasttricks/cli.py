@@ -104,13 +104,39 @@ def build_beton_cmd(
                         shuffle=shuffle)
     m = build_beton(src, out, opts, overwrite=overwrite)
     console.print(f"[green]{out}[/]: {m.images} images, {len(m.classes)} classes, {len(m.skipped)} skipped "
-                  f"({m.seconds:.0f} s); manifest {out}.json")
+                  f"({m.seconds:.0f} s, of which {m.checksum_seconds:.1f} s for the checksums); manifest {out}.json")
     per_image = m.beton_bytes / max(m.images, 1)
     console.print(f"  {m.beton_bytes / 1e9:.2f} GB, {per_image / 1e3:.0f} kB per image"
                   + (f"; all {m.source_images} images at these settings: about "
                      f"{per_image * m.source_images / 1e9:.0f} GB" if m.source_images > m.images else ""))
     for s in m.skipped[:10]:
         console.print(f"  skipped {s['file']}: {s['reason']}")
+
+
+@app.command("verify-beton")
+@friendly
+def verify_beton_cmd(
+    target: Annotated[Path, typer.Argument(metavar="FILE|DIR", help="a beton, or a data folder (every beton in it)")],
+):
+    """Check every image of a beton against the checksum its manifest recorded when it was built;
+    exit 2 naming the damaged images. `train` checks a seeded sample of 1,024 per beton by itself."""
+    from fasttricks.data.beton import BuildError, read_manifest
+    from fasttricks.data.checksums import damaged, describe
+    from fasttricks.errors import InputMissing
+
+    betons = sorted(target.glob("*.beton")) if target.is_dir() else [target]
+    if not betons or not all(b.is_file() for b in betons):
+        raise InputMissing(f"{target}: no beton there (give a .beton file or a folder that holds some)")
+    problems = []
+    for beton in betons:
+        bad = damaged(beton, show_progress=True)
+        if bad:
+            problems.append(describe(beton, bad, read_manifest(beton).get("files", [])))
+        else:
+            images = len(read_manifest(beton)["checksums"])
+            console.print(f"[green]{beton}[/]: all {images} images match their checksums")
+    if problems:
+        raise BuildError("\n".join(problems))
 
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="a shipped name (`fasttricks recipes`) or a YAML path")]

@@ -37,6 +37,7 @@ from fasttricks.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from fasttricks.data import checksums
 from fasttricks.data.classes import checked_manifests
 from fasttricks.data.loader import TrainLoader, beton_paths
 from fasttricks.devices import autocast, compile_enabled, default_device
@@ -170,6 +171,7 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
             console.print(f"[yellow]{line}", soft_wrap=True)
     paths = beton_paths(data_dir)
     train_manifest = checked_manifests(data_dir)["train"]
+    checksums.check_sample(paths, seed=recipe.seed)  # every rank alike: a damaged beton stops them all here
     classes = train_manifest["classes"]
     _check_batch_sizes(recipe, train_manifest["images"], world)
     if resume and rank == 0:

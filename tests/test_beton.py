@@ -239,3 +239,53 @@ def test_the_write_shows_one_rich_bar_and_no_tqdm_bar_of_ffcvs(tmp_path):
     assert result.exit_code == 0, result.output
     assert "writing o.beton" in result.output and "it/s]" not in result.output  # tqdm's signature
     assert ffcv.writer.tqdm is original  # put back after the write
+
+
+def _overlapping_samples(path, hits: list[tuple[int, int]]) -> set[int]:
+    """The samples whose metadata row or allocated bytes overlap one of the byte ranges ``hits``,
+    worked out from FFCV's own reader (what a damaged range can change)."""
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
+
+    reader = Reader(str(path))
+    row = reader.metadata.dtype.itemsize
+    first_row = HeaderType.itemsize + reader.field_descriptors.nbytes
+    touched = set()
+    for start, end in hits:
+        for i in range(reader.num_samples):
+            if start < first_row + (i + 1) * row and end > first_row + i * row:
+                touched.add(i)
+        for sample, ptr, size in reader.alloc_table[["sample_id", "ptr", "size"]].tolist():
+            if start < ptr + size and end > ptr:
+                touched.add(int(sample))
+    return touched
+
+
+def test_random_overwrites_are_found_by_verify_beton_and_stop_training_in_one_line(toy_data, tmp_path):
+    from fasttricks.data.checksums import damaged
+
+    data = tmp_path / "data"
+    shutil.copytree(toy_data, data)
+    result = CliRunner().invoke(app, ["verify-beton", str(data)])
+    assert result.exit_code == 0 and "all 400 images match their checksums" in " ".join(result.output.split())
+    # 400 random 16-byte overwrites inside the train beton, its size unchanged
+    path = data / "train.beton"
+    size = path.stat().st_size
+    rng = np.random.default_rng(7)
+    hits = [(int(s), int(s) + 16) for s in rng.integers(4096, size - 16, 400)]
+    touched = _overlapping_samples(path, hits)
+    with open(path, "r+b") as f:
+        for start, _ in hits:
+            f.seek(start)
+            f.write(rng.integers(0, 256, 16, dtype=np.uint8).tobytes())
+    assert path.stat().st_size == size and touched  # some images were hit (the rest fell in FFCV's free pages)
+    assert set(damaged(path)) == touched  # exactly the images whose bytes changed
+    result = CliRunner().invoke(app, ["verify-beton", str(path)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"{path}: image {min(touched)} (" in text and "damaged" in text
+    # train checks a seeded sample (all 400 here) before any step, and writes nothing
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--override", "overrides/toy"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{path}: image" in text and "no longer match" in text and not out.exists()

@@ -71,6 +71,9 @@ class Manifest:
     skipped: list[dict] = field(default_factory=list)  # {"file", "reason"}
     options: dict = field(default_factory=dict)
     seconds: float = 0.0
+    checksum_algorithm: str = ""
+    checksums: list[int] = field(default_factory=list)  # one per image, in beton order (data/checksums.py)
+    checksum_seconds: float = 0.0  # part of seconds
 
 
 def manifest_path(beton: str | os.PathLike) -> Path:
@@ -280,10 +283,14 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
             first = "; ".join(p.read_text() for p in failed[:3])
             raise BuildError(f"{len(failed)} file(s) in {src} failed while being written "
                              f"(did they change during the build?): {first}")
+        summed = time.time()
+        checksums = compute_checksums(tmp, show_progress=show_progress)
         manifest = Manifest(source=str(src.resolve()), beton=str(out.resolve()), classes=classes,
                             images=len(good), source_images=source_images, beton_bytes=tmp.stat().st_size,
                             files=[rel for rel, _ in good], skipped=skipped,
-                            options=asdict(opts), seconds=round(time.time() - start, 2))
+                            options=asdict(opts), seconds=round(time.time() - start, 2),
+                            checksum_algorithm=CHECKSUM_ALGORITHM, checksums=checksums,
+                            checksum_seconds=round(time.time() - summed, 2))
     write_json(manifest_path(out), asdict(manifest), indent=1)
     return manifest
 
@@ -311,6 +318,15 @@ def _writer_progress(label: str, total: int, enabled: bool):
             yield
         finally:
             ffcv.writer.tqdm = original
+
+
+def compute_checksums(path: Path, *, show_progress: bool) -> list[int]:
+    from fasttricks.data.checksums import compute
+
+    return compute(path, show_progress=show_progress)
+
+
+CHECKSUM_ALGORITHM = "crc32 of the metadata row and the allocated bytes"  # data/checksums.py
 
 
 def _classes_from(beton: str | None) -> list[str] | None:
