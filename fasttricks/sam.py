@@ -36,10 +36,11 @@ def wrap(base: torch.optim.Optimizer, cfg: SamConfig) -> SAM:
 def step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, optimizer: SAM, criterion: nn.Module,
          grad_clip: float | None = None) -> torch.Tensor:
     """One SAM step; returns the loss at the unperturbed weights (as a plain step reports it)."""
-    with autocast(images.device):
-        loss = criterion(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
+    # DDP decides in the forward whether the backward all-reduces: both go inside no_sync
     with model.no_sync() if hasattr(model, "no_sync") else nullcontext():
+        with autocast(images.device):
+            loss = criterion(model(images), targets)
         loss.backward()
     optimizer.first_step(zero_grad=True)
     with _running_stats_frozen(model), autocast(images.device):

@@ -111,6 +111,46 @@ def ddp_steps(rank: int, world: int, port: int, out: str, steps: int = 3) -> Non
         dist.destroy_process_group()
 
 
+SAM_STAGE = {"batch_size": 8, "label_smoothing": 0.0,
+             "optimizer": {"name": "sgd", "lr": 0.5, "weight_decay": 0.0, "sam": {"rho": 0.05}}}
+
+
+def sam_steps(rank: int, world: int, port: int, out: str) -> None:
+    """One SAM step on each rank's half under DDP: the weights after it, and how many gradient
+    buckets a SAM step and a plain step all-reduce."""
+    from fasttricks import distributed
+    from fasttricks.recipes import StageConfig
+    from fasttricks.train import create_optimizer, training_step
+
+    _join(rank, world, port)
+    try:
+        model, images, labels = _model_and_batch()
+        half = slice(rank * 4, rank * 4 + 4)
+        images, labels = images[half], labels[half]
+        stage = StageConfig(**SAM_STAGE)
+        wrapped = distributed.wrap(model, torch.device("cpu"))
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(1)
+            return default_hooks.allreduce_hook(state, bucket)
+
+        wrapped.register_comm_hook(None, counting_hook)
+        optimizer = create_optimizer(model, stage.optimizer)
+        training_step(wrapped, images, labels, optimizer, torch.nn.CrossEntropyLoss(), stage)
+        sam_calls = len(calls)
+        weights = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+        plain = stage.model_copy(update={"optimizer": stage.optimizer.model_copy(update={"sam": None})})
+        training_step(wrapped, images, labels, create_optimizer(model, plain.optimizer), torch.nn.CrossEntropyLoss(),
+                      plain)
+        if rank == 0:
+            torch.save({"weights": weights, "sam_step_allreduces": sam_calls,
+                        "plain_step_allreduces": len(calls) - sam_calls}, Path(out, "sam.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
     """Train with a loss that turns NaN on rank 1 only, at its third step: what each rank raised."""
     from fasttricks import train as train_mod

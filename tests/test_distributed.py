@@ -47,6 +47,38 @@ def test_a_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path):
     assert ddp["pgd_step_allreduces"] == [ddp["plain_step_allreduces"]] * 3
 
 
+def test_a_sam_step_under_ddp_all_reduces_once_and_perturbs_along_each_ranks_own_gradient(tmp_path):
+    mp.spawn(ddp_workers.sam_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ddp = torch.load(tmp_path / "sam.pt", weights_only=True)
+    assert ddp["plain_step_allreduces"] >= 1
+    assert ddp["sam_step_allreduces"] == ddp["plain_step_allreduces"]  # the first pass is not all-reduced
+    # worked by hand in one process: each half's own gradient g_r gives its perturbation
+    # e_r = rho g_r / ||g_r||; the update is SGD's first step on the mean of the gradients at w + e_r
+    model, images, labels = ddp_workers._model_and_batch()
+    params = {n: p for n, p in model.net.named_parameters() if p.requires_grad}
+    rho, lr = ddp_workers.SAM_STAGE["optimizer"]["sam"]["rho"], ddp_workers.SAM_STAGE["optimizer"]["lr"]
+
+    def grads(x, y):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        return dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+
+    second = []
+    for r in (0, 1):
+        x, y = images[r * 4:r * 4 + 4], labels[r * 4:r * 4 + 4]
+        g = grads(x, y)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in g.values()]))
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(g[n] * rho / (norm + 1e-12))
+        second.append(grads(x, y))
+        with torch.no_grad():
+            for n, p in params.items():
+                p.sub_(g[n] * rho / (norm + 1e-12))
+    for n, p in params.items():
+        expected = p.detach() - lr * (second[0][n] + second[1][n]) / 2
+        torch.testing.assert_close(ddp["weights"][n], expected, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def _torchrun(data, out, *extra):
     """The winner recipe, tiny: PGD stage, then frozen first half + augmentation + F-CutMix with
     weight averaging, then FixRes and robust evaluation, on two CPU processes."""
