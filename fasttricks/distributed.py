@@ -114,6 +114,15 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # buffers follow rank 0 at each forward
 
 
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank (one process: ``[obj]``)."""
+    if dist_info()[1] == 1:
+        return [obj]
+    out = [None] * dist_info()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist_info()[1] > 1:
         dist.barrier()

@@ -198,7 +198,9 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
     torch.manual_seed(recipe.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = create_model(recipe.model, len(classes))
+    model = create_model(recipe.model, len(classes))  # the same initial weights on every rank
+    if rank > 0:  # then a stream of its own for dropout and drop-path (rank 0 keeps one process's)
+        torch.manual_seed(recipe.seed + rank)
     if recipe.model.sync_batchnorm and world > 1:
         model.net = timm.layers.convert_sync_batchnorm(model.net)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -503,16 +505,27 @@ def _check_finite(run: Run, stage: StageConfig, epoch: int, first_bad: torch.Ten
 
 
 def _rng_state() -> dict:
-    state = {"torch_rng": torch.get_rng_state()}
+    """Every rank's own generators (the CPU's and its CUDA device's), gathered for rank 0 to save:
+    each rank draws its own dropout and drop-path masks, and a resumed rank continues its own."""
+    own = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    return state
+        own["cuda"] = torch.cuda.get_rng_state()  # the current device: this rank's
+    return {"rng_by_rank": distributed.gather_objects(own)}
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rank = dist_info()[0]
+    if "rng_by_rank" not in state:  # a checkpoint of an earlier version: rank 0's streams, every device
+        torch.set_rng_state(state["torch_rng"])
+        cuda = state.get("cuda_rng", [])
+        if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda):
+            torch.cuda.set_rng_state(cuda[torch.cuda.current_device()])
+        return
+    by_rank = state["rng_by_rank"]
+    own = by_rank[rank % len(by_rank)]  # another world size cannot continue every stream: each rank takes one
+    torch.set_rng_state(own["torch"])
+    if "cuda" in own and torch.cuda.is_available():
+        torch.cuda.set_rng_state(own["cuda"])
 
 
 def _restore(run: Run) -> tuple[Position, dict | None]:

@@ -118,6 +118,10 @@ def test_torchrun_training_writes_the_run_from_rank_zero_only(torchrun_run):
     final = load_file(str(out / "final.safetensors"))
     assert torch.equal(final["conv_stem.weight"], frozen_after_stage_1["conv_stem.weight"])
     assert torch.equal(final["bn1.running_mean"], frozen_after_stage_1["bn1.running_mean"])
+    # each rank's own random stream (dropout, drop-path), saved for each rank to continue
+    state = torch.load(out / "checkpoints" / "s1-e001" / "state.pt", weights_only=True)
+    streams = [r["torch"] for r in state["rng_by_rank"]]
+    assert len(streams) == 2 and not torch.equal(streams[0], streams[1])
 
 
 def test_torchrun_resume_in_stage_two_ends_where_the_uninterrupted_run_ends(torchrun_run, toy_data, tmp_path):
