@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fasttricks.checkpoint import read_info, save_weights
+from fasttricks.distributed import dist_info, sum_over_ranks
 from fasttricks.errors import InputError, OutputExists
 from fasttricks.models import WeightsError, weights_file
 
@@ -92,8 +93,32 @@ def recalibrate_batch_norm(model: nn.Module, net: nn.Module, batches: Iterable[t
             m.momentum = momentum
             nn.Module.train(m, False)
         model.train(was_training)
+    seen = _combine_over_ranks(norms, seen)
     if seen == 0:
         raise InputError("no batches to recompute the batch-norm statistics from")
+    return seen
+
+
+def _combine_over_ranks(norms: list, seen: int) -> int:
+    """Under several processes each rank saw its share of the batches (``calibration_batches``):
+    with momentum None a batch norm's statistics are the plain mean over its batches, so the
+    global ones are the batch-weighted mean of the ranks', in one all-reduce. Returns the images
+    seen by all ranks."""
+    if dist_info()[1] == 1:
+        return seen
+    batches = norms[0].num_batches_tracked.to(torch.float64)
+    flat = torch.cat([torch.cat([m.running_mean, m.running_var]).to(torch.float64) * batches for m in norms]
+                     + [batches.reshape(1), torch.tensor([float(seen)], device=batches.device, dtype=torch.float64)])
+    sum_over_ranks(flat)
+    total, seen = flat[-2], int(flat[-1].item())
+    offset = 0
+    for m in norms:
+        n = m.running_mean.numel()
+        values = flat[offset:offset + 2 * n] / total.clamp(min=1)
+        m.running_mean.copy_(values[:n])
+        m.running_var.copy_(values[n:])
+        m.num_batches_tracked.fill_(int(total.item()))
+        offset += 2 * n
     return seen
 
 
@@ -128,11 +153,15 @@ def average_command(paths: Sequence[Path], out: Path, *, data_dir: Path | None, 
 def calibration_batches(train_beton: Path, batches: int, batch_size: int, resolution: int, *, seed: int,
                         device: torch.device, workers: int = 0) -> Iterable[torch.Tensor]:
     """``batches`` training batches (random-resized crops at ``resolution``, no other augmentation:
-    the statistics should be those of clean inputs) from a seeded subset of the training set."""
+    the statistics should be those of clean inputs) from a seeded subset of the training set. Under
+    several processes each rank gets every world-th of them (the same batches as one process's),
+    and ``recalibrate_batch_norm`` combines the ranks' statistics."""
     from fasttricks.data.loader import TrainLoader, sample_indices
 
+    rank, world = dist_info()
     indices = sample_indices(train_beton, batches * batch_size, seed)
     loader = TrainLoader(train_beton, batch_size=min(batch_size, len(indices)), resolution=resolution, seed=seed,
                          device=device, workers=workers, indices=indices)
-    for images, _ in loader.epoch(0, resolution):
-        yield images
+    for i, (images, _) in enumerate(loader.epoch(0, resolution)):
+        if i % world == rank:
+            yield images

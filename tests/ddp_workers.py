@@ -151,6 +151,31 @@ def sam_steps(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def calibrate(rank: int, world: int, port: int, beton: str, out: str) -> None:
+    """Batch-norm recalibration on 4 batches of 32 images, each rank its share."""
+    _join(rank, world, port)
+    try:
+        stats, forwarded = calibrated_statistics(beton)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"stats": stats, "forwarded": forwarded}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def calibrated_statistics(beton: str) -> tuple[dict, int]:
+    """The recalibrated statistics of a seeded tiny model, and the batches this process forwarded."""
+    from fasttricks.averaging import calibration_batches, recalibrate_batch_norm
+    from fasttricks.models import create_model
+    from fasttricks.recipes import ModelConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_efficientnet"), 10)
+    batches = list(calibration_batches(Path(beton), 4, 32, 32, seed=0, device=torch.device("cpu"), workers=1))
+    seen = recalibrate_batch_norm(model, model.net, batches)
+    stats = {k: v.tolist() for k, v in model.net.state_dict().items() if "running" in k}
+    return {**stats, "seen": seen}, len(batches)
+
+
 def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
     """Train with a loss that turns NaN on rank 1 only, at its third step: what each rank raised."""
     from fasttricks import train as train_mod

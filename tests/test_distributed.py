@@ -79,6 +79,19 @@ def test_a_sam_step_under_ddp_all_reduces_once_and_perturbs_along_each_ranks_own
         torch.testing.assert_close(ddp["weights"][n], expected, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_batch_norm_recalibration_on_two_ranks_takes_half_the_batches_each_and_gives_one_processs_statistics(
+        toy_data, tmp_path):
+    beton = str(toy_data / "train.beton")
+    mp.spawn(ddp_workers.calibrate, args=(2, _free_port(), beton, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one, forwarded = ddp_workers.calibrated_statistics(beton)
+    assert forwarded == 4 and [r["forwarded"] for r in ranks] == [2, 2]  # each rank its share of the 4
+    for r in ranks:
+        assert r["stats"]["seen"] == one["seen"] == 128
+        for k, v in one.items():
+            torch.testing.assert_close(torch.tensor(r["stats"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6, msg=k)
+
+
 def _torchrun(data, out, *extra):
     """The winner recipe, tiny: PGD stage, then frozen first half + augmentation + F-CutMix with
     weight averaging, then FixRes and robust evaluation, on two CPU processes."""
