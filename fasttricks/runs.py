@@ -34,7 +34,9 @@ class RunFolderError(UserError, FileExistsError):
 
 
 LOCK_NAME = ".lock"
-RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "checkpoints", LOCK_NAME)
+# What a run that failed before its first checkpoint may leave, and a retry may take over: the
+# logging folders too (TensorBoard's and W&B's are made when the run starts).
+RUN_FILES = ("config.yaml", "environment.json", "metrics.jsonl", "checkpoints", "tb", "wandb", LOCK_NAME)
 
 
 def saved_recipe(out: Path) -> recipes.Recipe:
@@ -86,14 +88,13 @@ def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool)
                                  + ". Resume with --resume --out alone (the saved recipe), or choose a new --out")
         return saved
     contents = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
-    if contents and not resume:
-        if is_run(out) and not overwrite:
-            raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or "
-                                 f"--overwrite to replace it")
-        foreign = [p.name for p in contents if p.name not in RUN_FILES]
-        if foreign and not overwrite:
-            raise RunFolderError(f"{out} holds files that are not a run's ({', '.join(sorted(foreign)[:5])}); "
-                                 f"choose another --out, or pass --overwrite to replace them")
+    if contents and not resume and is_run(out) and not overwrite:
+        raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or "
+                             f"--overwrite to replace it")
+    foreign = [p.name for p in contents if p.name not in RUN_FILES]
+    if foreign and not overwrite:  # with --resume too: a folder without a checkpoint is started again
+        raise RunFolderError(f"{out} holds files that are not a run's ({', '.join(sorted(foreign)[:5])}); "
+                             f"choose another --out, or pass --overwrite to replace them")
     if resume and not is_run(out):  # a run that failed before its first checkpoint: start it again
         console.print(f"[yellow]{out} holds no checkpoint: starting the run from the beginning")
     for p in contents:  # a replaced run, or one that never reached its first checkpoint

@@ -40,9 +40,21 @@ def test_a_folder_with_files_that_are_not_a_runs_is_not_taken_over(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(RunFolderError, match="notes.txt"):
-        prepare(out, load_recipe("baseline"), resume=False, overwrite=False)
-    assert (out / "notes.txt").read_text() == "mine"
+    for resume in (False, True):  # --resume in a folder without checkpoint deletes nothing either
+        with pytest.raises(RunFolderError, match="notes.txt"):
+            prepare(out, load_recipe("baseline"), resume=resume, overwrite=False)
+        assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_retry_of_a_run_that_failed_with_logging_on_takes_its_folder_over(tmp_path):
+    out = tmp_path / "r"
+    _started_then_failed(out)
+    (out / "tb").mkdir()  # what the logging left before the failure
+    (out / "tb" / "events.out.tfevents.1").write_text("")
+    (out / "wandb").mkdir()
+    recipe = load_recipe("baseline", sets=["stages.0.epochs=3"])
+    assert prepare(out, recipe, resume=False, overwrite=False) == recipe
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "environment.json"}
 
 
 def test_resume_in_a_folder_with_no_run_is_refused_and_writes_nothing(tmp_path, toy_data):
