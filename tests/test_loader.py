@@ -176,15 +176,17 @@ def test_the_block_order_shards_whole_blocks_covers_the_epoch_and_is_seeded(monk
         assert list(order.sample_order(epoch=3)) == shards[-1] != list(order.sample_order(epoch=4))  # seeded
         order.skip = 8
         assert list(order.sample_order(epoch=3)) == shards[-1][8:]  # a resumed epoch: the remaining samples
-    assert len({len(s) for s in shards}) == 1
+    assert len({len(s) for s in shards}) == 1  # the same number of steps on every rank
     flat = [i for s in shards for i in s]
-    assert set(flat) == set(range(n)) and len(flat) - len(set(flat)) == -n % world  # only padding repeats
+    assert set(flat) == set(range(n))
     owners = {}
-    for rank, shard in enumerate(shards):  # a block is read by one rank...
+    for rank, shard in enumerate(shards):  # every block is read by one rank only, padding included
         for i in shard:
             owners.setdefault(i // 20, set()).add(rank)
-    # ...but for the blocks cut at a rank boundary and those the wrap-around padding reuses
-    assert sum(len(r) > 1 for r in owners.values()) <= (world - 1) + (-n % world)
+    assert all(len(r) == 1 for r in owners.values())
+    # the padding repeats a rank's own samples: as many as its shard is short of the longest
+    longest = max(len(set(s)) for s in shards)
+    assert [len(s) - len(set(s)) for s in shards] == [longest - len(set(s)) for s in shards]
     assert shards[0][:20] != sorted(shards[0][:20])  # shuffled within windows
 
 

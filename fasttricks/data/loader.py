@@ -49,21 +49,23 @@ class SeededBlockOrder(SeededOrder):
     read in contiguous blocks of ``BLOCK`` samples, whole blocks in a random order and samples
     shuffled within windows of ``WINDOW`` blocks, so reads stay sequential-ish while batches mix.
     Unlike FFCV's own, it is keyed by (seed, epoch), resumable mid-epoch, and works under several
-    processes: each rank takes a contiguous run of the block order (whole blocks, so no two ranks
-    read the same pages), padded by wrapping around so every rank has the same number of steps.
-    Batches mix classes only if the beton was written in random order (``build-beton --shuffle``,
-    checked by the loader)."""
+    processes: the block order is dealt out to the ranks block by block (whole blocks, so no two
+    ranks read the same pages), and a rank with fewer samples than the others repeats its own
+    first ones, so every rank has the same number of steps (a rank left with no block at all, when
+    there are fewer blocks than ranks, reads from the whole order). Batches mix classes only if the
+    beton was written in random order (``build-beton --shuffle``, checked by the loader)."""
 
     BLOCK, WINDOW = 512, 16  # 8,192 samples (~1.5 GB of ImageNet at FFCV's settings) mixed at a time
 
     def sample_order(self, epoch: int):
         indices = np.asarray(self.indices)
         starts = np.random.default_rng([self.seed, epoch, 0xB10C]).permutation(np.arange(0, len(indices), self.BLOCK))
-        order = np.concatenate([indices[s:s + self.BLOCK] for s in starts])
         rank, world = dist_info() if self.distributed else (0, 1)
-        if world > 1:  # shard before mixing, so that a window never spans two ranks
-            per_rank = -(-len(order) // world)
-            order = np.resize(order, per_rank * world)[rank * per_rank:(rank + 1) * per_rank]
+        mine = starts[rank::world]  # shard before mixing, so that a window never spans two ranks
+        order = np.concatenate([indices[s:s + self.BLOCK] for s in (mine if len(mine) else starts)])
+        if world > 1:
+            sizes = [sum(min(self.BLOCK, len(indices) - s) for s in starts[r::world]) for r in range(world)]
+            order = np.resize(order, max(sizes))
         rng = np.random.default_rng([self.seed, epoch, 0xB10C, rank])
         span = self.BLOCK * self.WINDOW
         for w in range(0, len(order), span):
