@@ -123,6 +123,19 @@ def gather_objects(obj) -> list:
     return out
 
 
+def step_module(model: nn.Module, compiled: nn.Module, device: torch.device) -> nn.Module:
+    """What a training step calls: ``compiled`` (the model, or its torch.compile wrapper) alone;
+    under several processes, DDP around the plain model, compiled around DDP when ``compiled`` is
+    compiled. That is PyTorch's order, compile(DDP(model)): dynamo's DDPOptimizer then splits the
+    graph at DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward
+    (DDP around a compiled module waits for the whole compiled backward). The attack keeps calling
+    ``compiled`` itself: input gradients need no all-reduce."""
+    if dist_info()[1] == 1:
+        return compiled
+    ddp = wrap(model, device)
+    return torch.compile(ddp) if compiled is not model else ddp
+
+
 def barrier() -> None:
     if dist_info()[1] > 1:
         dist.barrier()

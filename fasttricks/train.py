@@ -260,7 +260,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     if stage.weights and begin == Position(s, 0) and state is None:
         load_weights(run.model.net, stage.weights)
     _apply_freeze(run, stage)
-    step_model = distributed.wrap(run.train_model, run.device)  # after freezing: DDP takes trainable params
+    step_model = distributed.step_module(run.model, run.train_model, run.device)  # after freezing (DDP's params)
     augment = _augmentation(run, stage)
     optimizer = create_optimizer(run.model, stage.optimizer)
     criterion = _criterion(stage)

@@ -176,6 +176,25 @@ def calibrated_statistics(beton: str) -> tuple[dict, int]:
     return {**stats, "seen": seen}, len(batches)
 
 
+def step_modules(rank: int, world: int, port: int, out: str) -> None:
+    """What distributed.step_module builds, compiled and eager, under two processes."""
+    from fasttricks import distributed
+
+    _join(rank, world, port)
+    try:
+        model, _, _ = _model_and_batch()
+        compiled = torch.compile(model)  # not run: only the wrappers' order is looked at
+        step = distributed.step_module(model, compiled, torch.device("cpu"))
+        eager = distributed.step_module(model, model, torch.device("cpu"))
+        if rank == 0:
+            Path(out, "modules.json").write_text(json.dumps({
+                "compiled": [type(step).__name__, type(step._orig_mod).__name__, step._orig_mod.module is model],
+                "eager": [type(eager).__name__, eager.module is model]}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
     """Train with a loss that turns NaN on rank 1 only, at its third step: what each rank raised."""
     from fasttricks import train as train_mod

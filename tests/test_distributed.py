@@ -92,6 +92,13 @@ def test_batch_norm_recalibration_on_two_ranks_takes_half_the_batches_each_and_g
             torch.testing.assert_close(torch.tensor(r["stats"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_a_compiled_step_under_ddp_is_compile_around_ddp_around_the_model(tmp_path):
+    mp.spawn(ddp_workers.step_modules, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    built = json.loads((tmp_path / "modules.json").read_text())
+    assert built["compiled"] == ["OptimizedModule", "DistributedDataParallel", True]  # PyTorch's order
+    assert built["eager"] == ["DistributedDataParallel", True]
+
+
 def _torchrun(data, out, *extra):
     """The winner recipe, tiny: PGD stage, then frozen first half + augmentation + F-CutMix with
     weight averaging, then FixRes and robust evaluation, on two CPU processes."""
