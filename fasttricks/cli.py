@@ -151,7 +151,9 @@ def train(
     recipe: Annotated[str | None, typer.Option(
         "--recipe", "-r", help="name in pipelines/ or a YAML path; default baseline, or with --resume the "
         "recipe saved in the run folder")] = None,
-    data: DataOpt = "toy",
+    data: Annotated[str | None, typer.Option(
+        "--data", "-d", help="folder of train/val(/val_clutter) betons, or 'toy' (the default); with --resume, "
+        "the folder the run recorded")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder; default runs/<recipe>")] = None,
     set_: SetOpt = None, override: OverrideOpt = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
@@ -172,24 +174,35 @@ def train(
     exit 75 (Slurm: the job is requeued), Ctrl-C saves and exits 130; --resume continues."""
     import torch
 
-    from fasttricks.data.sources import resolve_data
     from fasttricks.distributed import dist_info, process_group
     from fasttricks.runs import recipe_for_train
     from fasttricks.train import train as run_training
 
     r, out = recipe_for_train(recipe, override or [], set_ or [], out=out, resume=resume,
-                              toy=data == "toy" and toy_settings)
+                              toy=(data or "toy") == "toy" and toy_settings)
+    data_dir = _train_data(data, out, resume)
     if dry_run:
         from fasttricks.plan import describe_plan
 
-        for line in [*r.notes(), *describe_plan(r, resolve_data(data), out)]:
+        for line in [*r.notes(), *describe_plan(r, data_dir, out)]:
             print(line)
         return
     with process_group(torch.device(device) if device else None) as dev:  # torchrun: one process per device
-        summary = run_training(r, resolve_data(data), out, device=dev, resume=resume, overwrite=overwrite,
+        summary = run_training(r, data_dir, out, device=dev, resume=resume, overwrite=overwrite,
                                stop_after=stop_after)
         if dist_info()[0] == 0:
             _print_summary(summary)
+
+
+def _train_data(data: str | None, out: Path, resume: bool) -> Path:
+    """The data folder of a train command: --data, else with --resume the run's own, else the toy set."""
+    from fasttricks.data.sources import resolve_data
+    from fasttricks.runs import data_for_resume
+
+    if not resume:
+        return resolve_data(data or "toy")
+    given = resolve_data(data) if data else None
+    return data_for_resume(out, given) or resolve_data("toy")
 
 
 @app.command("recipes")

@@ -74,7 +74,8 @@ def recipe_differences(old: recipes.Recipe, new: recipes.Recipe) -> list[str]:
     return out
 
 
-def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool) -> recipes.Recipe:
+def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool,
+            data_dir: str | os.PathLike | None = None) -> recipes.Recipe:
     """Create (or re-open, with ``resume``) the run folder; returns the recipe the run uses.
 
     A resumed run continues with the recipe saved in its folder; a different one is an error
@@ -101,8 +102,26 @@ def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool)
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", recipes.dump(recipe))
-    write_json(out / "environment.json", environment())
+    write_json(out / "environment.json", {**environment(), "data": str(Path(data_dir).resolve()) if data_dir else None})
     return recipe
+
+
+def recorded_data(out: Path) -> Path | None:
+    """The data folder a run was trained on (``environment.json``; None for runs of earlier versions)."""
+    path = out / "environment.json"
+    data = json.loads(path.read_text()).get("data") if path.is_file() else None
+    return Path(data) if data else None
+
+
+def data_for_resume(out: Path, given: Path | None) -> Path | None:
+    """The data folder ``--resume`` trains on: the one the run recorded. Another one given is refused
+    (the run would continue on other images, and other class ids if they differ); None when neither
+    is known."""
+    recorded = recorded_data(out)
+    if given is not None and recorded is not None and Path(given).resolve() != recorded:
+        raise RunFolderError(f"{out} was trained on --data {recorded}, not {given}: resume it with --data {recorded} "
+                             f"(or without --data), or start a new run in another --out")
+    return given if given is not None else recorded
 
 
 def check_resumable(out: Path) -> None:

@@ -180,7 +180,7 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
     try:
         with runs.lock(out) if rank == 0 else nullcontext():
             if rank == 0:
-                recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite)
+                recipe = runs.prepare(out, recipe, resume=resume, overwrite=overwrite, data_dir=data_dir)
             distributed.barrier()  # the folder is ready (or cleared) before any rank looks into it
             return _train(recipe, data_dir, paths, classes, out, device, resume=resume, stop_after=stop_after,
                           show_progress=show_progress)

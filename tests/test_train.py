@@ -271,3 +271,23 @@ def test_augmentation_and_mixing_are_part_of_the_reproducible_run(toy_data, tmp_
     assert _same_weights(tmp_path / "part" / "final.safetensors", tmp_path / "full" / "final.safetensors")
     plain = train(_recipe(2), toy_data, tmp_path / "plain", show_progress=False)
     assert plain["train_loss"] != full["train_loss"]
+
+
+def test_resume_without_data_continues_on_the_runs_own_folder_and_another_is_refused(toy_data, tmp_path):
+    out = tmp_path / "r"
+    runner = CliRunner()
+    sets = ["--set", "stages.0.epochs=2", "--set", "data.val_resize=48", "--set", "data.val_crop=40"]
+    first = runner.invoke(app, ["train", "--data", str(toy_data), "--out", str(out), "--override", str(TOY),
+                                "--stop-after", "1", *sets])
+    assert first.exit_code == 0, first.output
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("train.beton", "val.beton"):  # the same images under another folder name
+        (other / name).symlink_to(toy_data / name)
+        (other / f"{name}.json").symlink_to(toy_data / f"{name}.json")
+    refused = runner.invoke(app, ["train", "--resume", "--out", str(out), "--data", str(other)])
+    assert refused.exit_code == 2 and f"was trained on --data {toy_data.resolve()}" in " ".join(refused.output.split())
+    resumed = runner.invoke(app, ["train", "--resume", "--out", str(out)])  # no --data: the run's own, not toy
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert [r["epoch"] for r in _rows(out)] == [1, 2]
