@@ -178,6 +178,9 @@ def train(
     from fasttricks.runs import recipe_for_train
     from fasttricks.train import train as run_training
 
+    if stop_after is not None and stop_after < 1:
+        raise InputError(f"--stop-after must be at least 1 epoch, not {stop_after}; to check a recipe and its data "
+                         f"without training, use --dry-run")
     r, out = recipe_for_train(recipe, override or [], set_ or [], out=out, resume=resume,
                               toy=(data or "toy") == "toy" and toy_settings)
     data_dir = _train_data(data, out, resume)

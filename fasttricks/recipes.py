@@ -10,6 +10,7 @@ from ``--set dotted.key=value``; in both, a list of stages can be addressed by i
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import importlib.util
 import os
@@ -649,7 +650,13 @@ def read_recipe_tree(name_or_path: str | os.PathLike, _seen: tuple = ()) -> dict
     base = data.pop("base", None)
     if base is None:
         return data
-    inherited = {k: v for k, v in read_recipe_tree(base, (*_seen, path)).items() if k not in NOT_INHERITED}
+    try:
+        tree = read_recipe_tree(base, (*_seen, path))
+    except RecipeError as e:
+        if str(e).startswith("no recipe "):  # name the file whose base: it is
+            raise RecipeError(f"{path}: base: {e}") from None
+        raise
+    inherited = {k: v for k, v in tree.items() if k not in NOT_INHERITED}
     return merge(inherited, data)
 
 
@@ -835,8 +842,11 @@ def _describe(err: dict) -> str:
     line = f"  {loc}: {err['msg']}"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(err["loc"][:-1])
+        close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1, cutoff=0.6)
+        if close:
+            line += f"; did you mean {close[0]}?"
         if allowed:
-            line += f"; allowed keys here: {', '.join(allowed)}"
+            line += f" (allowed keys here: {', '.join(allowed)})"
     elif "input" in err and not isinstance(err["input"], dict):
         line += f" (got {err['input']!r})"
     return line

@@ -162,3 +162,22 @@ def test_the_step_size_follows_eps_unless_given_and_a_step_beyond_eps_is_named()
     assert any(line.startswith("stages.0.adversarial: step_size 1/255 exceeds eps 0.25/255 for a 2-step attack")
                for line in kept.notes())
     assert load_recipe("winner").evaluation.attack.step_size == pytest.approx(1 / 255)  # written: kept
+
+
+def test_a_key_typo_suggests_the_key_and_a_missing_base_names_the_file_it_came_from(tmp_path):
+    with pytest.raises(RecipeError, match=r"stages\.0\.epoch: .*did you mean epochs\?"):
+        load_recipe("baseline", sets=["stages.0.epoch=3"])
+    child = tmp_path / "child.yaml"
+    child.write_text("base: winer\nname: child\n")
+    with pytest.raises(RecipeError, match=rf"{child}: base: no recipe 'winer'"):
+        load_recipe(child)
+
+
+def test_stop_after_zero_is_refused_and_points_at_dry_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from fasttricks.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--stop-after", "0", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--stop-after must be at least 1" in result.output and "--dry-run" in result.output
+    assert not (tmp_path / "r").exists()
