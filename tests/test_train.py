@@ -291,3 +291,24 @@ def test_resume_without_data_continues_on_the_runs_own_folder_and_another_is_ref
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
     assert [r["epoch"] for r in _rows(out)] == [1, 2]
+
+
+def test_output_that_is_not_a_terminal_gets_whole_lines(toy_data, tmp_path):
+    """A Slurm log: one whole line per logging point and per epoch, nothing cut at 80 columns."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    run = subprocess.run([sys.executable, "-m", "fasttricks", "train", "--data", str(toy_data), "--out",
+                          str(tmp_path / "a-run-folder-with-a-name-long-enough-to-wrap-at-eighty-columns"),
+                          "--override", str(TOY), "--set", "stages.0.epochs=1", "--set", "data.val_resize=48",
+                          "--set", "data.val_crop=40"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    steps = [line for line in lines if line.startswith("train 1/1 @")]
+    assert steps and all("loss" in line and "img/s" in line and "run eta" in line for line in steps)
+    epochs = [line for line in lines if line.lstrip().startswith("epoch ")]
+    assert len(epochs) == 1 and "val_clutter" in epochs[0]  # the record on one line
+    assert not any("━" in line for line in lines)  # no bar drawn into the log
+    listing = subprocess.run([sys.executable, "-m", "fasttricks", "recipes"], capture_output=True, text=True, env=env)
+    assert "submissions-2022/augmix-fcutmix-robust" in listing.stderr + listing.stdout  # names not cut
