@@ -40,8 +40,12 @@ system-deps:
 
 # Re-installs only when pyproject.toml or constraints.txt changed since the last install.
 # constraints.txt pins the exact set CI runs; pyproject.toml itself holds ranges.
+# pip's and the builds' own warnings (FFCV compiles from source) go to .venv/install.log, shown
+# only when the install fails.
 $(STAMP): pyproject.toml constraints.txt | system-deps
 	[ -x $(PY) ] || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@echo "installing fasttricks and its dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PY) -m pip install -q --upgrade pip && \
+	   $(PY) -m pip install -q -c constraints.txt -e '.[dev]'; } > $(VENV)/install.log 2>&1 \
+	   || { tail -40 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1; }
 	touch $(STAMP)

@@ -38,6 +38,16 @@ def friendly(fn):
     return wrapper
 
 
+@app.callback(invoke_without_command=True)
+def _main(version: Annotated[bool, typer.Option("--version", is_eager=True,
+                                                help="print the version and exit")] = False):
+    if version:
+        from importlib.metadata import version as installed
+
+        print(f"fasttricks {installed('fasttricks')}")
+        raise typer.Exit()
+
+
 TOY = ToyOptions()  # make-toy's defaults are the default set's
 
 
@@ -105,10 +115,11 @@ def build_beton_cmd(
     m = build_beton(src, out, opts, overwrite=overwrite)
     console.print(f"[green]{out}[/]: {m.images} images, {len(m.classes)} classes, {len(m.skipped)} skipped "
                   f"({m.seconds:.0f} s, of which {m.checksum_seconds:.1f} s for the checksums); manifest {out}.json")
-    per_image = m.beton_bytes / max(m.images, 1)
-    console.print(f"  {m.beton_bytes / 1e9:.2f} GB, {per_image / 1e3:.0f} kB per image"
+    per_image = m.image_bytes / max(m.images, 1)
+    console.print(f"  images {_size(m.image_bytes)}, {_size(per_image)} per image; the file {_size(m.beton_bytes)} "
+                  f"(FFCV allocates in pages)"
                   + (f"; all {m.source_images} images at these settings: about "
-                     f"{per_image * m.source_images / 1e9:.0f} GB" if m.source_images > m.images else ""))
+                     f"{_size(per_image * m.source_images)}" if m.source_images > m.images else ""))
     for s in m.skipped[:10]:
         console.print(f"  skipped {s['file']}: {s['reason']}")
 
@@ -137,6 +148,13 @@ def verify_beton_cmd(
             console.print(f"[green]{beton}[/]: all {images} images match their checksums")
     if problems:
         raise BuildError("\n".join(problems))
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="a shipped name (`fasttricks recipes`) or a YAML path")]

@@ -57,6 +57,8 @@ def plot(runs: list[Path], out: Path) -> Path:
         for start in boundaries:
             ax.axvline(start, color="gray", linestyle=":", linewidth=1)
         ax.set(title=PANELS[key], xlabel="epoch (all stages)")
+        if key == "lr":  # stage 2's 1e-4 beside stage 1's 0.1 must not look like zero
+            ax.set_yscale("log", nonpositive="mask")
         ax.tick_params(labelbottom=True)  # shared x, but every panel keeps its numbers
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:

@@ -207,7 +207,8 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
     info = {"arch": recipe.model.arch, "num_classes": len(classes), "classes": classes,
             "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
             "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name,
-            "data": Path(data_dir).name, "pretrained": recipe.model.pretrained_name()}
+            "data": Path(data_dir).name, "pretrained": recipe.model.pretrained_name(),
+            "training_data": _training_data(data_dir)}
     loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
                           batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
                           distributed=world > 1)  # every rank evaluates its shard
@@ -232,6 +233,17 @@ def _train(recipe: Recipe, data_dir: Path, paths: dict, classes: list[str], out:
     summary = _finish(run, time.time() - started)
     distributed.barrier()
     return summary
+
+
+def _training_data(data_dir: Path) -> str:
+    """What the model was trained on, as the export's metadata names it: the images' folder (not the
+    betons' folder, whose name says nothing) and its size."""
+    from fasttricks.data.beton import read_manifest
+
+    manifest = read_manifest(beton_paths(data_dir)["train"])
+    source = Path(manifest.get("source", data_dir))
+    name = "toy" if "toy-seed" in str(source) else "/".join(source.parts[-2:])
+    return f"{name} ({manifest['images']} images, {len(manifest['classes'])} classes)"
 
 
 def _check_batch_sizes(recipe: Recipe, images: int, world: int) -> None:

@@ -245,6 +245,12 @@ def test_metadata_yaml_holds_brainscores_own_fields_and_no_region_map_is_possibl
         export(run, tmp_path / "q", region_map=False, regions=["V1=blocks.1"])
 
 
+def test_a_region_map_with_two_regions_on_one_layer_says_so(run, tmp_path, capsys):
+    config = export(run, tmp_path / "p", regions=["V1=blocks.1", "V2=blocks.1"])
+    assert "V1 and V2 on blocks.1" in config["region_layer_map_source"]
+    assert "one layer stands for several regions" in " ".join(capsys.readouterr().err.split())
+
+
 def test_the_export_passes_brainscores_own_plugin_checks_offline(plugin, images, monkeypatch):
     """brainscore_vision's generic_plugin_tests (what it runs on a submitted plugin), on our
     commitment, with our three images standing in for its stimuli (not shipped in the wheel)."""

@@ -320,3 +320,22 @@ def test_a_recipe_refused_at_its_start_leaves_no_run_folder(toy_data, tmp_path, 
                                       "overrides/toy", "--set", bad])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_version_and_the_size_build_beton_reports_are_the_images_not_ffcvs_pages(tmp_path):
+    from importlib.metadata import version
+
+    from PIL import Image
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).output.strip() == f"fasttricks {version('fasttricks')}"
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (96, 96), (i * 40, 0, 0)).save(src / f"{i}.png")
+    result = runner.invoke(app, ["build-beton", str(tmp_path / "src"), str(tmp_path / "out.beton"),
+                                 "--write-mode", "raw", "--workers", "1"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    # 96 x 96 x 3 raw bytes per image, not the 8 MB pages FFCV allocates divided by six images
+    assert "27.6 kB per image" in text and "images 166 kB" in text and "(FFCV allocates in pages)" in text

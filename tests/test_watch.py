@@ -69,6 +69,18 @@ def test_plot_draws_the_curves_of_metrics_jsonl_across_stages(stopped_and_finish
     assert width > 1000 and height > 500  # a grid of panels
 
 
+def test_the_learning_rate_panel_is_logarithmic(stopped_and_finished, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from fasttricks.plots import plot
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    plot([stopped_and_finished[1]], tmp_path / "c.png")
+    [lr] = [ax for ax in figures[0].axes if ax.get_title() == "learning rate"]
+    assert lr.get_yscale() == "log"  # 1e-3 beside 0.1 must not look like zero
+
+
 def test_tensorboard_events_read_back_with_tensorboards_own_reader(toy_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -61,6 +61,7 @@ def test_winner_runs_every_stage_and_its_summary_holds_every_field(winner_run):
     info = read_info(out / "final.safetensors")
     assert (info["val_crop"], info["val_resize"]) == (summary["test_crop"], summary["test_resize"])
     assert info["frozen"][:2] == ["conv_stem", "bn1"]
+    assert info["training_data"] == "toy (400 images, 10 classes)"  # what the export's metadata names
 
 
 def test_the_frozen_half_keeps_stage_one_weights_and_statistics_through_averaging(winner_run):

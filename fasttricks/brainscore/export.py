@@ -25,6 +25,7 @@ from fasttricks.brainscore.layers import READOUT, candidate_layers, default_regi
 from fasttricks.checkpoint import read_info
 from fasttricks.errors import UserError
 from fasttricks.models import WeightsError, weights_file
+from fasttricks.progress import console
 
 PLUGIN_MODEL = Path(__file__).with_name("plugin_model.py")
 WEIGHTS_NAME = "weights.safetensors"
@@ -123,9 +124,21 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
         raise ExportError("--region and --no-region-map contradict each other; give one")
     config["region_layer_map"] = {**mapping, **given}
     config["region_layer_map_source"] = how + (f"; given: {', '.join(given)}" if given else "")
+    shared = _shared_layers(config["region_layer_map"])
+    if shared:  # allowed (Brain-Score scores each region on its own), but rarely what was meant
+        console.print(f"[yellow]region map: {shared} (one layer stands for several regions)", soft_wrap=True)
+        config["region_layer_map_source"] += f"; shared layers: {shared}"
     config["regions_given"] = given  # a later export without --region must not re-use this folder
     _write_folder(out, config, weights, config["region_layer_map"], overwrite, plugin_metadata(net, info, name))
     return config
+
+
+def _shared_layers(mapping: dict[str, str]) -> str:
+    """``V1 and V2 on blocks.3`` for every layer that more than one region maps to, else ''."""
+    by_layer: dict[str, list[str]] = {}
+    for region, layer in mapping.items():
+        by_layer.setdefault(layer, []).append(region)
+    return "; ".join(f"{' and '.join(regions)} on {layer}" for layer, regions in by_layer.items() if len(regions) > 1)
 
 
 def plugin_metadata(net, info: dict, identifier: str) -> dict:
@@ -139,7 +152,7 @@ def plugin_metadata(net, info: dict, identifier: str) -> dict:
 
     fields = _Offline().create_model_metadata(net, f"{identifier}-{info['arch']}", identifier)
     frozen = info.get("frozen") or []
-    fields["training_dataset"] = info.get("data")
+    fields["training_dataset"] = info.get("training_data") or info.get("data")  # (older runs: the folder name)
     fields["extra_notes"] = (f"trained with fasttricks, recipe {info.get('recipe')}; tested at resize "
                              f"{info['val_resize']} / crop {info['val_crop']}"
                              + (f"; frozen in the last stage: {frozen[0]} ... {frozen[-1]}" if frozen else ""))

@@ -66,7 +66,8 @@ class Manifest:
     classes: list[str]
     images: int = 0
     source_images: int = 0  # image files in the folder, before --limit (for extrapolating the size)
-    beton_bytes: int = 0
+    beton_bytes: int = 0  # the file, FFCV's page padding included
+    image_bytes: int = 0  # what the images take in it
     files: list[str] = field(default_factory=list)  # relative to source, in beton order
     skipped: list[dict] = field(default_factory=list)  # {"file", "reason"}
     options: dict = field(default_factory=dict)
@@ -289,7 +290,7 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
                             images=len(good), source_images=source_images, beton_bytes=tmp.stat().st_size,
                             files=[rel for rel, _ in good], skipped=skipped,
                             options=asdict(opts), seconds=round(time.time() - start, 2),
-                            checksum_algorithm=CHECKSUM_ALGORITHM, checksums=checksums,
+                            image_bytes=image_bytes(tmp), checksum_algorithm=CHECKSUM_ALGORITHM, checksums=checksums,
                             checksum_seconds=round(time.time() - summed, 2))
     write_json(manifest_path(out), asdict(manifest), indent=1)
     return manifest
@@ -324,6 +325,12 @@ def compute_checksums(path: Path, *, show_progress: bool) -> list[int]:
     from fasttricks.data.checksums import compute
 
     return compute(path, show_progress=show_progress)
+
+
+def image_bytes(path: Path) -> int:
+    from fasttricks.data import checksums
+
+    return checksums.image_bytes(path)
 
 
 CHECKSUM_ALGORITHM = "crc32 of the metadata row and the allocated bytes"  # data/checksums.py

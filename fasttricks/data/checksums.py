@@ -50,6 +50,12 @@ class _Samples:
         return crc
 
 
+def image_bytes(path: str | os.PathLike) -> int:
+    """The bytes a beton's images and labels take, without the free space of FFCV's pages (a small
+    beton's file is mostly that)."""
+    return int(_Samples(Path(path)).table["size"].sum())
+
+
 def compute(path: str | os.PathLike, *, show_progress: bool = True) -> list[int]:
     """Every image's checksum, in beton order."""
     samples = _Samples(Path(path))
