@@ -40,9 +40,7 @@ def test_every_relative_link_resolves(md):
             continue  # a web address
         path, _, anchor = target.partition("#")
         dest = (md.parent / path).resolve() if path else md
-        if not dest.exists():
-            broken.append(target)
-        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+        if not dest.exists() or anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(target)
     assert not broken, f"{md.relative_to(ROOT)}: {broken}"
 
