@@ -280,11 +280,11 @@ def test_a_checkpoint_saved_again_at_its_position_is_never_absent(tmp_path, monk
     assert load_checkpoint(first)[1]["n"] == 3
 
 
-def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch):
+def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, toy_data):
     from fasttricks import evaluate
 
     runner = CliRunner()
-    zero = runner.invoke(app, ["eval", "no-such.safetensors", "--attack", "linf:8/255:0"])
+    zero = runner.invoke(app, ["eval", "no-such.safetensors", "--attack", "linf:8/255:0", "--data", str(toy_data)])
     assert zero.exit_code == 2 and "an evaluation attack takes at least 1 step" in " ".join(zero.output.split())
     assert "Traceback" not in zero.output and "ZeroDivisionError" not in zero.output
 
@@ -292,7 +292,7 @@ def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch):
         raise ValueError("a bug inside fasttricks")
 
     monkeypatch.setattr(evaluate, "eval_command", bug)
-    result = runner.invoke(app, ["eval", "no-such.safetensors"])
+    result = runner.invoke(app, ["eval", "no-such.safetensors", "--data", str(toy_data)])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)  # not shortened into "error: ..."
     assert "error:" not in result.output
 
