@@ -186,8 +186,9 @@ def recipe_for_train(name: str | None, overrides: list, sets: list[str], *, out:
     name = name or "baseline"
     if toy and not overrides:
         overrides = [recipes.toy_override(recipes.load_recipe(name))]
-        console.print(f"--data toy: applying {overrides[0]} (a tiny model and budget for a CPU; "
-                      f"--no-toy-settings trains the recipe as written)", soft_wrap=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, before the process group exists
+            console.print(f"--data toy: applying {overrides[0]} (a tiny model and budget for a CPU; "
+                          f"--no-toy-settings trains the recipe as written)", soft_wrap=True)
     recipe = recipes.load_recipe(name, overrides, sets)
     return recipe, out or Path("runs") / recipe.name
 

@@ -478,8 +478,8 @@ def _interrupted_error(run: Run, stage: StageConfig, epoch: int, step: int, path
     code = PREEMPTED if signals & {signal.SIGTERM, signal.SIGUSR1} else 130
     if not run.is_main:
         return Interrupted("", code)
-    message = (f"interrupted in {stage.name} epoch {epoch + 1} after step {step + 1}; saved {path}. "
-               f"Continue with --resume.")
+    message = (f"interrupted in {stage.name} epoch {epoch + 1} after step {step + 1}; saved {path} "
+               f"({epoch} epoch(s) and {step + 1} step(s) of stage {stage.name} done). Continue with --resume.")
     if signal.SIGUSR1 in signals and os.environ.get("SLURM_JOB_ID"):
         message += " " + slurm.requeue(os.environ["SLURM_JOB_ID"])
     return Interrupted(message, code)

@@ -145,8 +145,10 @@ def test_torchrun_training_writes_the_run_from_rank_zero_only(torchrun_run):
 
 
 def test_torchrun_resume_in_stage_two_ends_where_the_uninterrupted_run_ends(torchrun_run, toy_data, tmp_path):
-    _torchrun(toy_data, tmp_path / "r", "--stop-after", "2")
+    part = _torchrun(toy_data, tmp_path / "r", "--stop-after", "2")
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["s0-e001", "s1-e001"]
+    # only rank 0 speaks: the override's line and the stop's, once each
+    assert part.stderr.count("also changes the experiment") == 1 and part.stderr.count("stopped after 2") == 1
     _torchrun(toy_data, tmp_path / "r", "--resume")
     a, b = load_file(str(torchrun_run / "final.safetensors")), load_file(str(tmp_path / "r" / "final.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
