@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fasttricks-installed
 APT_PACKAGES := libturbojpeg0-dev libopencv-dev pkg-config
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup system-deps lint gpu-bundle bench-gpu
+.PHONY: demo test test-min setup system-deps lint gpu-bundle bench-gpu
 
 demo: $(STAMP)
 	$(VENV)/bin/fasttricks train --recipe winner --data toy --override pipelines/overrides/toy-winner.yaml \
@@ -15,6 +15,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=12
+
+# The tests whose behaviour depends on a dependency's version, at the lower bounds pyproject.toml
+# allows (constraints-min.txt): .venv-min/ sees .venv's packages (a .pth file) with those pinned over them.
+MIN_VENV := .venv-min
+MIN_TESTS := tests/test_sam.py tests/test_augmix.py tests/test_syncguard.py
+test-min: $(STAMP) constraints-min.txt
+	[ -x $(MIN_VENV)/bin/python ] || python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/main-venv.pth', 'w').write(sys.argv[1])" \
+		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
+	$(MIN_VENV)/bin/python -m pip install -q --no-deps -r constraints-min.txt > $(MIN_VENV)/install.log 2>&1 \
+		|| { tail -20 $(MIN_VENV)/install.log; exit 1; }
+	$(MIN_VENV)/bin/python -c "from importlib.metadata import version as v; print('lower bounds:', \
+		'pytorch-optimizer', v('pytorch-optimizer'), 'kornia', v('kornia'))"
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 setup: $(STAMP)
 
