@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag, make_jpeg_folder, timed  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
-ROWS = ("pgd", "compile", "behaviour", "projection")
+ROWS = ("pgd", "one_step", "compile", "behaviour", "projection")
 
 
 def parse_args(cuda: bool) -> argparse.Namespace:
@@ -155,6 +155,25 @@ def pgd_rows(b: Bench) -> list[dict]:
     return rows
 
 
+ONE_STEP = {"pgd-3": AdversarialConfig(eps=8 / 255, steps=3),  # the baseline the one-step methods divide
+            "fgsm-rs": AdversarialConfig(eps=8 / 255, steps=1),  # Wong et al.: step 1.25·eps by the rule
+            "n-fgsm": AdversarialConfig(method="n_fgsm", eps=8 / 255)}  # de Jorge et al.: noise ±2·eps, step eps
+
+
+def one_step_rows(b: Bench) -> list[dict]:
+    """PGD-3, FGSM-RS and N-FGSM training steps on one synthetic batch, each as a ratio of PGD-3's
+    time measured in the same process (the robust stage's cost per epoch, loader aside)."""
+    a, rows = b.args, []
+    batch = itertools.repeat(b.synthetic(a.batch_size, a.res))
+    rates = {name: b.rate(b.compiled, StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.01), adversarial=adv),
+                          batch) for name, adv in ONE_STEP.items()}
+    for name, rate in rates.items():
+        rows.append({"row": f"one_step_{name}", "method": name, "compiled": b.compile, "res": a.res,
+                     "images_per_s": round(rate, 1), "time_vs_pgd3": round(rates["pgd-3"] / rate, 3)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def compile_row(b: Bench) -> dict:
     a = b.args
     batch = itertools.repeat(b.synthetic(a.batch_size, a.res))
@@ -239,6 +258,8 @@ def main() -> None:
             save(compile_row(b))
         if "pgd" in wanted:
             save(pgd_rows(b))
+        if "one_step" in wanted:
+            save(one_step_rows(b))
         stage1 = stage1_rates(b, rows) if "projection" in wanted else None
         if "behaviour" in wanted or stage1 is not None:
             save(behaviour_row(b))  # last but the projection: it freezes the shared model

@@ -88,13 +88,18 @@ STEPS = {"linf": LinfPGDStep, "l2": L2PGDStep}
 def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: AdversarialConfig, *,
         generator: Generators = None, use_autocast: bool = True) -> torch.Tensor:
     """Adversarial versions of ``images`` (in [0, 1]) that raise ``model``'s cross-entropy on
-    ``targets`` (class indices or soft targets), within ``cfg``'s ε-ball around ``images``. The
-    model's mode is restored whatever happens inside (an out-of-memory error, Ctrl-C)."""
+    ``targets`` (class indices or soft targets): PGD within ``cfg``'s ε-ball around ``images``, or
+    N-FGSM when ``cfg.method`` says so (``n_fgsm.py``; it leaves the ball by design). The model's
+    mode is restored whatever happens inside (an out-of-memory error, Ctrl-C)."""
     was_training = model.training
     if cfg.eval_mode:
         model.eval()
     try:
         with input_gradients_only(model):
+            if cfg.method == "n_fgsm":
+                from fasttricks.n_fgsm import n_fgsm
+
+                return n_fgsm(model, images, targets, cfg, generator, use_autocast)
             return _attack(model, images, targets, cfg, generator, use_autocast)
     finally:
         model.train(was_training)

@@ -174,10 +174,13 @@ def _fraction(value: Any) -> Any:
 Fraction = Annotated[float, BeforeValidator(_fraction)]
 
 
-def step_rule(eps: float, steps: int, random_start: bool) -> float:
+def step_rule(eps: float, steps: int, random_start: bool, method: str = "pgd") -> float:
     """The step size when a recipe gives none, so that it follows ε: Madry et al.'s 2.5·ε/steps, and
     for one step from a random start Wong et al.'s FGSM-RS 1.25·ε (2.5·ε would leave the ball's
-    far side in one step and be projected back to its edge); 0 for a random start alone."""
+    far side in one step and be projected back to its edge); 0 for a random start alone. N-FGSM:
+    α = ε (de Jorge et al. 2022)."""
+    if method == "n_fgsm":
+        return eps
     if steps == 0:
         return 0.0
     if steps == 1 and random_start:
@@ -186,8 +189,13 @@ def step_rule(eps: float, steps: int, random_start: bool) -> float:
 
 
 class AdversarialConfig(Strict):
-    """PGD adversarial training (Madry et al.): each batch is replaced by its adversarial version."""
+    """Adversarial training: each batch is replaced by its adversarial version. ``pgd``: PGD (Madry et
+    al.), FGSM-RS with one step from a random start; ``n_fgsm``: N-FGSM (de Jorge et al. 2022), one
+    signed-gradient step from a noise start larger than ε, no projection (fasttricks/n_fgsm.py)."""
 
+    method: Literal["pgd", "n_fgsm"] = Field("pgd", description="pgd (PGD-k, FGSM-RS with steps 1) or n_fgsm "
+                                             "(one step from uniform noise in ±noise_factor·ε, no projection)")
+    noise_factor: float = Field(2.0, gt=0, description="n_fgsm: the noise's half-width in units of ε (N-FGSM: 2)")
     norm: Literal["linf", "l2"] = "linf"
     eps: Fraction = Field(8 / 255, gt=0, description="radius in [0, 1] pixel units; '8/255' accepted")
     step_size: Fraction = Field(None, ge=0, description="α per step; '2/255' accepted. Not given (or null): "
@@ -203,21 +211,35 @@ class AdversarialConfig(Strict):
     def _step_from_eps(cls, data: Any) -> Any:
         # Resolved before validation, so that config.yaml records the step the run used; an
         # explicit step stays as written (and is checked against ε in `warnings`).
+        if isinstance(data, dict) and data.get("method") == "n_fgsm" and "steps" not in data:
+            data = {**data, "steps": 1}  # N-FGSM is one step
         if isinstance(data, dict) and data.get("step_size") is None:
             fields = cls.model_fields
             eps = _fraction(data.get("eps", fields["eps"].default))
             steps = data.get("steps", fields["steps"].default)
             start = data.get("random_start", fields["random_start"].default)
+            method = data.get("method", fields["method"].default)
             data = {k: v for k, v in data.items() if k != "step_size"}
             if isinstance(eps, int | float) and isinstance(steps, int) and isinstance(start, bool):
-                data["step_size"] = step_rule(float(eps), steps, start)
+                data["step_size"] = step_rule(float(eps), steps, start, method)
         return data
+
+    @model_validator(mode="after")
+    def _n_fgsm(self):
+        if self.method == "n_fgsm":
+            if self.norm != "linf":
+                raise ValueError("method n_fgsm is defined for norm linf (its noise is a box, its step a sign); "
+                                 "for L2 use method pgd")
+            if self.steps != 1:
+                raise ValueError(f"method n_fgsm takes one step (steps: 1), not {self.steps}")
+        return self
 
     def warnings(self, where: str) -> list[str]:
         """What an explicit step does that the user may not mean: a multi-step attack whose step
         exceeds ε (after a change of ε that kept an absolute step, say)."""
-        rule = step_rule(self.eps, self.steps, self.random_start)
-        if self.steps > 1 and self.step_size > self.eps * (1 + 1e-6) and abs(self.step_size - rule) > 1e-9:
+        rule = step_rule(self.eps, self.steps, self.random_start, self.method)
+        beyond = self.step_size > self.eps * (1 + 1e-6) and abs(self.step_size - rule) > 1e-9
+        if self.method == "pgd" and self.steps > 1 and beyond:
             def level(v: float) -> str:
                 return f"{v * 255:.3g}/255" if self.norm == "linf" else f"{v:.3g}"
             return [f"{where}: step_size {level(self.step_size)} exceeds eps {level(self.eps)} for a {self.steps}-step "

@@ -142,3 +142,50 @@ def test_robust_evaluation_draws_its_random_starts_from_its_own_seed_not_the_glo
     (first, images_a), (second, images_b) = runs
     assert first == second and all(torch.equal(a, b) for a, b in zip(images_a, images_b, strict=True))
     assert not torch.equal(images_a[0], images_a[1][:16])  # each batch its own starts (not one reused noise)
+
+
+def _uniform_like(x, seed):
+    """What the attacks draw for a start: uniform in [-1, 1], in NCHW order, from a seeded generator."""
+    return torch.empty(x.shape).uniform_(-1, 1, generator=torch.Generator().manual_seed(seed))
+
+
+def _input_grad(model, x, y):
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), [x])
+    return g
+
+
+def test_n_fgsm_is_the_formula_worked_by_hand(model, batch):
+    """de Jorge et al.: x0 = clip(x + U[-k·eps, k·eps]), x_adv = clip(x0 + alpha·sign(grad at x0)),
+    no projection back to the eps-ball; defaults k = 2, alpha = eps, one step."""
+    x, y = batch
+    cfg = AdversarialConfig(method="n_fgsm", eps="8/255")
+    assert (cfg.steps, cfg.noise_factor, cfg.step_size) == (1, 2.0, pytest.approx(8 / 255))
+    ours = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(5), use_autocast=False)
+    x0 = torch.clamp(x + _uniform_like(x, 5) * 2 * 8 / 255, 0, 1)
+    expected = torch.clamp(x0 + 8 / 255 * _input_grad(model, x0, y).sign(), 0, 1)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    assert (ours - x).abs().amax() > 8 / 255 + 1e-4  # beyond the ball: no projection, as the method says
+    assert (ours - x).abs().amax() <= 3 * 8 / 255 + 1e-6  # |noise| + alpha at most
+
+
+def test_pgd_with_one_step_of_1_25_eps_from_a_random_start_is_wongs_fgsm_rs(model, batch):
+    """Wong, Rice & Kolter 2020: delta ~ U[-eps, eps] (x + delta clipped to [0, 1]); delta += alpha·sign(grad);
+    delta clipped to [-eps, eps] and x + delta to [0, 1]; alpha = 1.25·eps. The recipe snippet:
+    adversarial: {eps: 8/255, steps: 1} (the step then follows the FGSM-RS rule)."""
+    x, y = batch
+    cfg = AdversarialConfig(eps="8/255", steps=1)
+    assert cfg.step_size == pytest.approx(1.25 * 8 / 255) and cfg.random_start
+    ours = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(9), use_autocast=False)
+    eps = 8 / 255
+    start = torch.clamp(x + _uniform_like(x, 9) * eps, 0, 1)
+    delta = start - x + 1.25 * eps * _input_grad(model, start, y).sign()
+    expected = torch.clamp(x + torch.clamp(delta, -eps, eps), 0, 1)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+
+
+def test_n_fgsm_is_refused_where_it_is_not_defined():
+    with pytest.raises(ValueError, match="defined for norm linf"):
+        AdversarialConfig(method="n_fgsm", norm="l2", eps=3.0)
+    with pytest.raises(ValueError, match="takes one step"):
+        AdversarialConfig(method="n_fgsm", steps=3)

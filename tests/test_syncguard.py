@@ -28,6 +28,7 @@ def test_the_guard_names_each_kind_of_sync(call, op):
 SMALL = ["stages.0.epochs=4", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32"]
 KINDS = [
     ("plain SGD + PGD-3", ["stages.0.adversarial={eps: 2/255, step_size: 1/255, steps: 3}"]),
+    ("N-FGSM", ["stages.0.adversarial={method: n_fgsm, eps: 2/255}"]),
     ("frozen half + Adam + EMA", ["stages.0.freeze=first_half", "stages.0.optimizer={name: adam, lr: 0.001}",
                                   "stages.0.average={ema_decay: 0.9, bn_batches: 1}"]),
     ("Foreground-CutMix", ["stages.0.mixing={kind: foreground_cutmix, p: 0.5}"]),
