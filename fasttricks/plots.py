@@ -13,7 +13,8 @@ from fasttricks.runs import read_metrics, saved_recipe
 
 PANELS = {"train_loss": "train loss", "lr": "learning rate", "resolution": "training resolution (px)",
           "val_top1": "val top-1 (%)", "val_clutter_top1": "val_clutter top-1 (%)",
-          "val_robust_top1": "robust top-1 (%)", "images_per_s": "images/s"}
+          "val_robust_top1": "robust top-1 (%)", "guard_robust_top1": "guard: robust top-1, train subset (%)",
+          "images_per_s": "images/s"}
 CURVES_NAME = "curves.png"
 
 

@@ -188,6 +188,20 @@ def step_rule(eps: float, steps: int, random_start: bool, method: str = "pgd") -
     return 2.5 * eps / steps
 
 
+class GuardConfig(Strict):
+    """A guard against catastrophic overfitting (the collapse of one-step adversarial training: robust
+    accuracy falls to near zero within an epoch while training goes on). At each epoch's end of the
+    stage, robust top-1 under PGD-``steps`` on a fixed, seeded subset of the training set; when it falls
+    more than ``drop`` below the stage's best so far, the stage goes back to its previous epoch's
+    checkpoint and trains the rest with PGD-``fallback_steps`` (fasttricks/guard.py)."""
+
+    images: int = Field(1024, ge=1, description="training images measured (seeded; the same every epoch)")
+    steps: int = Field(10, ge=1, description="PGD steps of the measurement (step 2.5·eps/steps, random start)")
+    drop: float = Field(0.2, gt=0, le=1, description="a fall of robust top-1 (a fraction: 0.2 = 20 points) below "
+                        "the stage's best that counts as a collapse")
+    fallback_steps: int = Field(3, ge=1, description="the PGD steps the stage continues with after a collapse")
+
+
 class AdversarialConfig(Strict):
     """Adversarial training: each batch is replaced by its adversarial version. ``pgd``: PGD (Madry et
     al.), FGSM-RS with one step from a random start; ``n_fgsm``: N-FGSM (de Jorge et al. 2022), one
@@ -205,6 +219,13 @@ class AdversarialConfig(Strict):
     random_start: bool = True
     eval_mode: bool = Field(True, description="attack with dropout/drop-path off and batch-norm statistics "
                             "untouched (as robustness does)")
+    guard: GuardConfig | None = Field(None, description="watch for catastrophic overfitting and fall back to PGD; "
+                                      "{} for the defaults (1024 images, PGD-10, a drop of 0.2, PGD-3); None: off")
+
+    def fallback(self) -> AdversarialConfig:
+        """The attack a guarded stage continues with after a collapse: PGD-k at the same ε."""
+        return AdversarialConfig(norm=self.norm, eps=self.eps, steps=self.guard.fallback_steps,
+                                 eval_mode=self.eval_mode)
 
     @model_validator(mode="before")
     @classmethod

@@ -22,7 +22,7 @@ import torch
 from timm.loss import JsdCrossEntropy
 from torch import nn
 
-from fasttricks import distributed, fixres, freezing, plots, runs, sam, slurm, syncguard
+from fasttricks import distributed, fixres, freezing, guard, plots, runs, sam, slurm, syncguard
 from fasttricks.adversarial import attack_generator, describe_eps, pgd
 from fasttricks.augment import stage_augmentation
 from fasttricks.augment.heavy import seeded, step_seed
@@ -283,17 +283,21 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
         _set_rng_state(state)
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
-    finished = begin.epoch
-    for epoch in range(begin.epoch, stage.epochs):
+    stage = _guarded_attack(run, s, stage)  # after a collapse, the fallback PGD (the decision is in run.info)
+    finished = epoch = begin.epoch
+    while epoch < stage.epochs:
         resume_step = begin.step if epoch == begin.epoch else 0
         row = _run_epoch(run, s, stage, epoch, loader, step_model, optimizer, criterion, augment, ema, resume_step,
                          state if resume_step else None)
+        if _guard_says_collapse(run, s, stage, epoch, row):
+            stage = _fall_back(run, s, stage, epoch, optimizer, ema, row)
+            continue  # the epoch again, from the checkpoint before it, with PGD
         run.last_row = row
         run.tracker.epoch(run.epochs_before[s] + epoch + 1, row)
         if run.is_main:
             runs.append_metrics(run.out, row)
         run.save(Position(s, epoch + 1), {"optimizer": optimizer.state_dict(), **_rng_state(), **_ema_state(ema)})
-        finished = epoch + 1
+        finished = epoch = epoch + 1
         done_now += 1
         if stop_after is not None and done_now >= stop_after:
             break
@@ -302,6 +306,59 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     if finished >= stage.epochs:
         _write_curves(run)
     return done_now
+
+
+def _guarded_attack(run: Run, s: int, stage: StageConfig) -> StageConfig:
+    """The stage with the attack its guard decided on: its own, or the fallback after a collapse."""
+    adv = stage.adversarial
+    if adv is None or adv.guard is None or guard.state_for(run.info, s)["fell_back_at_epoch"] is None:
+        return stage
+    return stage.model_copy(update={"adversarial": adv.fallback()})
+
+
+def _guard_says_collapse(run: Run, s: int, stage: StageConfig, epoch: int, row: dict) -> bool:
+    """Measure a guarded stage's robust top-1 (in ``row``) and update its best; True on a collapse."""
+    adv = stage.adversarial
+    if adv is None or adv.guard is None:
+        return False
+    robust = guard.robust_top1(run.model, run.train_beton, adv, run.recipe.data, device=run.device,
+                               seed=run.recipe.seed, distributed=dist_info()[1] > 1)
+    row["guard_robust_top1"] = round(100 * robust, 2)
+    state = guard.state_for(run.info, s)
+    if run.is_main and run.show_progress:
+        best = "" if state["best"] is None else f" (best so far {100 * state['best']:.1f}%)"
+        console.print(f"  guard: robust top-1 {100 * robust:.1f}% on {adv.guard.images} training images, "
+                      f"PGD-{adv.guard.steps}{best}")
+    if guard.collapsed(robust, state["best"], adv.guard):
+        return True
+    state["best"] = robust if state["best"] is None else max(state["best"], robust)
+    return False
+
+
+def _fall_back(run: Run, s: int, stage: StageConfig, epoch: int, optimizer, ema, row: dict) -> StageConfig:
+    """After a collapse in ``epoch``: the weights, optimizer, EMA and RNG of the checkpoint before it,
+    and the rest of the stage with the fallback PGD. Said on the console, in metrics.jsonl and in
+    the run's state (so in summary.json and every later checkpoint)."""
+    adv, state = stage.adversarial, guard.state_for(run.info, s)
+    distributed.barrier()  # rank 0 wrote the checkpoint being read
+    path = run.out / "checkpoints" / Position(s, epoch).name()
+    weights, saved = load_checkpoint(path)
+    run.model.net.load_state_dict(weights)
+    optimizer.load_state_dict(saved["optimizer"])
+    _set_rng_state(saved)
+    if ema is not None:
+        ema.module.load_state_dict(saved["ema"])
+    state["fell_back_at_epoch"] = epoch + 1
+    fallback = adv.fallback()
+    event = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "guard": "collapse",
+             "guard_robust_top1": row["guard_robust_top1"], "guard_best": round(100 * state["best"], 2),
+             "rolled_back_to": path.name, "fallback": f"pgd-{fallback.steps}"}
+    if run.is_main:
+        runs.append_metrics(run.out, event)
+        console.print(f"[yellow]{stage.name} epoch {epoch + 1}: robust top-1 on the guard's images fell to "
+                      f"{event['guard_robust_top1']:.1f}% (best {event['guard_best']:.1f}%): catastrophic overfitting. "
+                      f"Back to {path.name}; the rest of the stage trains with PGD-{fallback.steps}", soft_wrap=True)
+    return stage.model_copy(update={"adversarial": fallback})
 
 
 def _write_curves(run: Run) -> None:
@@ -586,6 +643,8 @@ def _finish(run: Run, seconds: float) -> dict:
     # every rank sweeps, fine-tunes and evaluates (sharded); rank 0 writes
     if run.recipe.fixres is not None:
         summary.update(_fixres(run))
+    if any(g.get("fell_back_at_epoch") for g in run.info.get("guard", {}).values()):
+        summary["guard"] = run.info["guard"]  # a stage fell back to PGD after a collapse
     attack = run.recipe.evaluation.attack
     summary["metrics_at"] = {"resize": data.val_resize, "crop": data.val_crop}  # where val_* were measured
     if run.recipe.fixres is not None or attack is not None:
