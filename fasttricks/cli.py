@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -499,16 +500,64 @@ def brainscore_activations(
 @friendly
 def brainscore_score(
     source: RunArg,
-    benchmark: Annotated[str, typer.Option(help="e.g. FreemanZiemba2013public.V1-pls, Rajalingham2018public-i2n, "
-                                           "MajajHong2015public.IT-pls")],
+    benchmark: Annotated[list[str], typer.Option(
+        help="e.g. FreemanZiemba2013public.V1-pls, Rajalingham2018public-i2n, MajajHong2015public.IT-pls "
+        "(repeatable with --checkpoints)")],
     region: Annotated[list[str] | None, typer.Option(
         help="REGION=LAYER for the region map the export uses, e.g. --region V1=blocks.3.0 (repeatable)")] = None,
+    checkpoints: Annotated[str | None, typer.Option(
+        help="all, last or epochs of the run (3,5,10): score those checkpoints of the run folder into "
+        "RUN/brainscore/scores.jsonl, each (weights, benchmark) once, as `brainscore follow` does")] = None,
 ):
     """Score the run's export on a brainscore_vision benchmark (downloads its data on first use)."""
+    if checkpoints is not None:
+        from fasttricks.brainscore.follow import choose, load_all, score_pending
+
+        chosen = choose(checkpoints)
+        records = score_pending(source, load_all(benchmark), chosen)
+        console.print(f"{len(records)} new score(s) in {source / 'brainscore' / 'scores.jsonl'}")
+        return
     from fasttricks.brainscore.local import score
 
-    record = score(source, benchmark, region or [])
-    console.print(f"{record['identifier']} on {benchmark}: [bold]{record['score']:.4f}[/]")
+    if len(benchmark) != 1:
+        raise InputError("--benchmark once, or several with --checkpoints")
+    record = score(source, benchmark[0], region or [])
+    console.print(f"{record['identifier']} on {benchmark[0]}: [bold]{record['score']:.4f}[/]")
+
+
+@brainscore_app.command("follow")
+@friendly
+def brainscore_follow(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="a run folder, being trained or finished")],
+    benchmark: Annotated[list[str], typer.Option(help="public benchmark, e.g. Rajalingham2018public-i2n "
+                                                 "(repeatable)")],
+    device: Annotated[str, typer.Option(
+        help="cpu, or cuda:N for a GPU the training does not use: the only device this process sees")] = "cpu",
+    once: Annotated[bool, typer.Option(help="score what is there now, then exit")] = False,
+    poll: Annotated[float, typer.Option(help="seconds between looks at the run folder")] = 30.0,
+):
+    """Score every checkpoint of a run, and its final model, as they appear, beside the training
+    (the trainer never waits for it): RUN/brainscore/scores.jsonl, one record per (checkpoint,
+    benchmark), each scored once. Leaves when the run's lock is released and all are scored."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else device.removeprefix("cuda:")
+    from fasttricks.brainscore.follow import follow
+
+    records = follow(run, benchmark, once=once, poll=poll)
+    console.print(f"{len(records)} new score(s) in {run / 'brainscore' / 'scores.jsonl'}")
+
+
+@brainscore_app.command("fetch")
+@friendly
+def brainscore_fetch(
+    benchmark: Annotated[list[str], typer.Argument(metavar="BENCHMARK...", help="benchmark identifiers")],
+):
+    """Load benchmarks once, so that their data land in BRAINIO_HOME: copy that folder to a cluster
+    without network (and set BRAINIO_HOME there)."""
+    from fasttricks.brainscore.follow import load_all
+
+    load_all(benchmark)
+    home = os.environ.get("BRAINIO_HOME", str(Path.home() / ".brainio"))
+    console.print(f"loaded {', '.join(benchmark)}; their data are in BRAINIO_HOME ({home})", soft_wrap=True)
 
 
 def _print_summary(summary: dict) -> None:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from fasttricks.atomic import atomic_path
+from fasttricks.brainscore.follow import read_scores
 from fasttricks.errors import InputError
 from fasttricks.runs import read_metrics, saved_recipe
 
@@ -16,6 +17,7 @@ PANELS = {"train_loss": "train loss", "lr": "learning rate", "resolution": "trai
           "val_robust_top1": "robust top-1 (%)", "guard_robust_top1": "guard: robust top-1, train subset (%)",
           "images_per_s": "images/s"}
 CURVES_NAME = "curves.png"
+BRAINSCORE = "brainscore:"  # a curve per benchmark, all in one panel
 
 
 def curves(run: Path) -> dict[str, list[tuple[float, float]]]:
@@ -32,6 +34,12 @@ def curves(run: Path) -> dict[str, list[tuple[float, float]]]:
     summary = run / "summary.json"
     if summary.is_file() and "val_robust_top1" in (s := json.loads(summary.read_text())):
         points["val_robust_top1"] = [(float(recipe.total_epochs()), s["val_robust_top1"])]
+    for record in read_scores(run):  # brainscore follow / score --checkpoints; the final model at the end
+        if record["error"] is None and not record.get("step"):
+            x = recipe.total_epochs() if record["stage"] is None else starts[record["stage"]] + record["epoch"]
+            points.setdefault(f"{BRAINSCORE}{record['benchmark']}", []).append((float(x), record["score"]))
+    for key in [k for k in points if k.startswith(BRAINSCORE)]:
+        points[key].sort()
     return points
 
 
@@ -44,6 +52,8 @@ def plot(runs: list[Path], out: Path) -> Path:
 
     data = {run: curves(run) for run in runs}
     keys = [k for k in PANELS if any(k in d for d in data.values())]
+    if any(k.startswith(BRAINSCORE) for d in data.values() for k in d):
+        keys.append(BRAINSCORE)
     if not keys:
         raise InputError(f"no metrics to plot in {', '.join(map(str, runs))} (no metrics.jsonl rows yet)")
     cols = min(3, len(keys))
@@ -52,12 +62,15 @@ def plot(runs: list[Path], out: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3 * rows), dpi=110, squeeze=False, sharex=True)
     for ax, key in zip(axes.flat, keys, strict=False):
         for run, points in data.items():
-            if key in points:
-                xs, ys = zip(*points[key], strict=True)
-                ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", markersize=3, label=run.name)
+            for name in [k for k in points if k == key or (key == BRAINSCORE and k.startswith(BRAINSCORE))]:
+                xs, ys = zip(*points[name], strict=True)
+                label = run.name if key != BRAINSCORE else f"{run.name}: {name.removeprefix(BRAINSCORE)}"
+                ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", markersize=3, label=label)
         for start in boundaries:
             ax.axvline(start, color="gray", linestyle=":", linewidth=1)
-        ax.set(title=PANELS[key], xlabel="epoch (all stages)")
+        ax.set(title=PANELS.get(key, "Brain-Score (brainscore follow)"), xlabel="epoch (all stages)")
+        if key == BRAINSCORE:
+            ax.legend(fontsize=6)
         if key == "lr":  # stage 2's 1e-4 beside stage 1's 0.1 must not look like zero
             ax.set_yscale("log", nonpositive="mask")
         ax.tick_params(labelbottom=True)  # shared x, but every panel keeps its numbers

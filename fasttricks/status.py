@@ -7,6 +7,7 @@ import fcntl
 import json
 from pathlib import Path
 
+from fasttricks.brainscore.follow import last_scores
 from fasttricks.checkpoint import Position, list_checkpoints
 from fasttricks.runs import LOCK_NAME, read_metrics, saved_recipe
 from fasttricks.schedules import resolution_at
@@ -89,6 +90,7 @@ def run_status(run: Path) -> dict:
         "not_measured_yet": sorted(set(unknown)),
         "last_metrics": {k: v for k, v in last.items() if k.endswith("_top1") or k in ("epoch", "stage")},
         "summary": json.loads((run / "summary.json").read_text()) if finished else None,
+        "brainscore": {b: {"score": r["score"], "checkpoint": r["checkpoint"]} for b, r in last_scores(run).items()},
     }
 
 
@@ -121,4 +123,6 @@ def describe(status: dict) -> list[str]:
     if status["last_metrics"]:
         lines.append("  last: " + " · ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in status["last_metrics"].items()))
+    for benchmark, last in status.get("brainscore", {}).items():
+        lines.append(f"  Brain-Score {benchmark}: {last['score']:.4f} ({last['checkpoint']})")
     return lines
