@@ -70,3 +70,27 @@ def test_every_documented_command_exists_with_the_options_it_shows(where, comman
     options = {w.split("=")[0] for w in words if w.startswith("--")}
     unknown = [o for o in options if o not in result.output]
     assert not unknown, f"{where}: `fasttricks {' '.join(path)}` takes no {unknown}"
+
+
+def _help(path: list[str]) -> str:
+    result = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+    return result.output if result.exit_code == 0 else ""
+
+
+def test_every_option_a_command_page_names_is_in_that_commands_help():
+    """docs/commands.md explains behaviour and links to --help for the options: an option it names
+    is one the command takes (or one of another command its paragraph names)."""
+    text = (ROOT / "docs" / "commands.md").read_text()
+    sections = {s.split("\n", 1)[0].strip(): s for s in re.split(r"^## ", text, flags=re.M)[1:]}
+    commands = [name for name in sections if _help([name])]
+    assert {"build-beton", "verify-beton", "train", "eval", "fixres", "average", "ablate", "status", "plot",
+            "recipes", "make-toy", "show-augs"} <= set(commands)
+    unknown = []
+    for name, section in sections.items():
+        for flag in sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", _without_code(section)))):
+            owners = [[c] for c in commands if c == name or f"`{c}" in section]
+            if name == "brainscore":  # a group: its subcommands take the options
+                owners += [["brainscore", sub] for sub in ("export", "activations", "score", "follow", "fetch")]
+            if not any(flag in _help(owner) for owner in owners):
+                unknown.append(f"{name}: {flag}")
+    assert not unknown, unknown
