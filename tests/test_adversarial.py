@@ -189,3 +189,18 @@ def test_n_fgsm_is_refused_where_it_is_not_defined():
         AdversarialConfig(method="n_fgsm", norm="l2", eps=3.0)
     with pytest.raises(ValueError, match="takes one step"):
         AdversarialConfig(method="n_fgsm", steps=3)
+
+
+def test_the_models_mode_comes_back_even_when_the_attack_fails(batch, monkeypatch):
+    from fasttricks import adversarial
+
+    torch.manual_seed(0)
+    net = create_model(ModelConfig(arch="test_efficientnet"), 10).train()
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(adversarial, "_attack", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pgd(net, *batch, AdversarialConfig(eps="8/255", steps=2))
+    assert net.training and all(p.requires_grad for p in net.parameters())  # train mode, weights trainable

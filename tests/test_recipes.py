@@ -181,3 +181,13 @@ def test_stop_after_zero_is_refused_and_points_at_dry_run(tmp_path):
     result = CliRunner().invoke(app, ["train", "--stop-after", "0", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "--stop-after must be at least 1" in result.output and "--dry-run" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_each_table_row_shows_its_own_description():
+    from fasttricks.recipes import catalogue
+
+    rows = {r["name"]: r["description"] for r in catalogue()}
+    table1 = [rows[n] for n in rows if n.startswith("table1/") and not n.endswith("_finetune")]
+    table2 = [rows[n] for n in rows if n.startswith("table2/")]
+    assert len(set(table1)) == len(table1) == 9 and len(set(table2)) == len(table2) == 4
+    assert rows["table2/linf-eps4"] != rows["baseline"]  # not the base's words
