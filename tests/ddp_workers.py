@@ -195,63 +195,76 @@ def step_modules(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
-    """Train with a loss that turns NaN on rank 1 only, at its third step: what each rank raised."""
+def _toy_training(rank: int, world: int, port: int, data: str, out: str, fault, outcome, result: str) -> None:
+    """The toy baseline (2 epochs) on two gloo processes, each training step passed through
+    ``fault(real_step, rank, calls)``; ``outcome(run)`` turns the training into what this rank writes
+    to ``result`` (``{rank}`` in it)."""
     from fasttricks import train as train_mod
     from fasttricks.recipes import PIPELINES, load_recipe
 
     _join(rank, world, port)
     try:
-        real_step, calls = train_mod.training_step, []
-
-        def nan_on_rank_one(*args, **kwargs):
-            calls.append(1)
-            loss = real_step(*args, **kwargs)
-            return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
-
-        train_mod.training_step = nan_on_rank_one
+        calls = []
+        train_mod.training_step = fault(train_mod.training_step, rank, calls)
         recipe = load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"],
                              ["stages.0.epochs=2", "data.val_resize=48", "data.val_crop=40", "data.workers=1"])
-        try:
-            train_mod.train(recipe, data, out, device=torch.device("cpu"), show_progress=False)
-            message = "finished"
-        except train_mod.TrainingDiverged as e:
-            message = str(e)
-        Path(out).parent.joinpath(f"rank{rank}.txt").write_text(message)
+        text = outcome(lambda: train_mod.train(recipe, data, out, device=torch.device("cpu"), show_progress=False),
+                       calls)
+        Path(out).parent.joinpath(result.format(rank=rank)).write_text(text)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _nan_at_the_third_step_of_rank_one(real_step, rank, calls):
+    def step(*args, **kwargs):
+        calls.append(1)
+        loss = real_step(*args, **kwargs)
+        return loss * float("nan") if rank == 1 and len(calls) == 3 else loss
+    return step
+
+
+def _what_it_raised(run, calls) -> str:
+    from fasttricks.train import TrainingDiverged
+
+    try:
+        run()
+        return "finished"
+    except TrainingDiverged as e:
+        return str(e)
+
+
+def diverge_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
+    """Train with a loss that turns NaN on rank 1 only, at its third step: what each rank raised."""
+    _toy_training(rank, world, port, data, out, _nan_at_the_third_step_of_rank_one, _what_it_raised, "rank{rank}.txt")
+
+
+def _sigterm_at_the_third_step_of_rank_one(real_step, rank, calls):
+    import signal
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+    return step
+
+
+def _how_it_stopped(run, calls) -> str:
+    from fasttricks.train import Interrupted
+
+    try:
+        run()
+        stopped = {"finished": True}
+    except Interrupted as e:
+        stopped = {"message": str(e), "exit_code": e.exit_code}
+    return json.dumps({**stopped, "steps": len(calls)})
 
 
 def sigterm_on_rank_one(rank: int, world: int, port: int, data: str, out: str) -> None:
     """Rank 1 alone gets SIGTERM during its 3rd step; each rank records how it stopped."""
-    import signal
-
-    from fasttricks import train as train_mod
-    from fasttricks.recipes import PIPELINES, load_recipe
-
-    _join(rank, world, port)
-    try:
-        real_step, calls = train_mod.training_step, []
-
-        def sigterm_on_one(*args, **kwargs):
-            calls.append(1)
-            if rank == 1 and len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_step(*args, **kwargs)
-
-        train_mod.training_step = sigterm_on_one
-        recipe = load_recipe("baseline", [PIPELINES / "overrides" / "toy.yaml"],
-                             ["stages.0.epochs=2", "data.val_resize=48", "data.val_crop=40", "data.workers=1"])
-        try:
-            train_mod.train(recipe, data, out, device=torch.device("cpu"), show_progress=False)
-            stopped = {"finished": True}
-        except train_mod.Interrupted as e:
-            stopped = {"message": str(e), "exit_code": e.exit_code}
-        Path(out).parent.joinpath(f"rank{rank}.json").write_text(json.dumps({**stopped, "steps": len(calls)}))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _toy_training(rank, world, port, data, out, _sigterm_at_the_third_step_of_rank_one, _how_it_stopped,
+                  "rank{rank}.json")
 
 
 def robust_eval_attack():
