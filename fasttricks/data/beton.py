@@ -285,7 +285,7 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
             raise BuildError(f"{len(failed)} file(s) in {src} failed while being written "
                              f"(did they change during the build?): {first}")
         summed = time.time()
-        checksums = compute_checksums(tmp, show_progress=show_progress)
+        checksums = compute_checksums(tmp, show_progress=show_progress, name=out.name)
         manifest = Manifest(source=str(src.resolve()), beton=str(out.resolve()), classes=classes,
                             images=len(good), source_images=source_images, beton_bytes=tmp.stat().st_size,
                             files=[rel for rel, _ in good], skipped=skipped,
@@ -321,10 +321,10 @@ def _writer_progress(label: str, total: int, enabled: bool):
             ffcv.writer.tqdm = original
 
 
-def compute_checksums(path: Path, *, show_progress: bool) -> list[int]:
+def compute_checksums(path: Path, *, show_progress: bool, name: str) -> list[int]:
     from fasttricks.data.checksums import compute
 
-    return compute(path, show_progress=show_progress)
+    return compute(path, show_progress=show_progress, name=name)
 
 
 def image_bytes(path: Path) -> int:

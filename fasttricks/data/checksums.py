@@ -56,12 +56,12 @@ def image_bytes(path: str | os.PathLike) -> int:
     return int(_Samples(Path(path)).table["size"].sum())
 
 
-def compute(path: str | os.PathLike, *, show_progress: bool = True) -> list[int]:
-    """Every image's checksum, in beton order."""
+def compute(path: str | os.PathLike, *, show_progress: bool = True, name: str | None = None) -> list[int]:
+    """Every image's checksum, in beton order (``name``: what the progress bar calls the beton)."""
     samples = _Samples(Path(path))
     n = len(samples.metadata)
     out = []
-    with progress_bar(f"checksums {Path(path).name}", n, enabled=show_progress) as advance:
+    with progress_bar(f"checksums {name or Path(path).name}", n, enabled=show_progress) as advance:
         for i in range(n):
             out.append(samples.checksum(i))
             if i % 1000 == 999 or i == n - 1:
