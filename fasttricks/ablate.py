@@ -29,6 +29,13 @@ from fasttricks.progress import console
 from fasttricks.recipes import Recipe
 
 METRICS = {"val_top1": "val top-1", "val_clutter_top1": "val_clutter top-1", "val_robust_top1": "robust top-1"}
+BRAINSCORE = "brainscore:"  # a metric per benchmark scored with ablate --benchmark
+
+
+def _metrics(rows_or_summaries: list[dict]) -> dict[str, str]:
+    """METRICS, then a column per Brain-Score benchmark any of them holds."""
+    found = sorted({k for r in rows_or_summaries for k in r if k.startswith(BRAINSCORE)})
+    return {**METRICS, **{k: f"Brain-Score {k.removeprefix(BRAINSCORE)}" for k in found}}
 
 
 def recipe_files(folder: Path) -> list[Path]:
@@ -97,19 +104,23 @@ def _check_replacements(runs_by_file: dict[Path, list[tuple[Recipe, Path]]], ove
 
 
 def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=(), sets=(),
-           device: torch.device | None = None, seeds: int = 1, overwrite: bool = False) -> dict:
-    """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md`` and ``.json``."""
+           device: torch.device | None = None, seeds: int = 1, overwrite: bool = False,
+           benchmarks: list[str] = ()) -> dict:
+    """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md`` and ``.json``.
+    With ``benchmarks``, each run's final model is also scored on those Brain-Score benchmarks (a
+    column each, the records in the run's ``brainscore/scores.jsonl``, each model scored once)."""
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, not {seeds}")
     files = recipe_files(folder)
     planned = _runs(files, out, overrides, sets, seeds)  # every recipe validated before any training
     _check_replacements(planned, overwrite)
+    loaded = _benchmarks(benchmarks)  # before any training: one that cannot load stops here
     rows = []
     for i, file in enumerate(files, start=1):
         summaries = []
         for recipe, run_dir in planned[file]:
             console.rule(f"[bold]{i}/{len(files)} {file.stem}" + (f" · {run_dir.name}" if seeds > 1 else ""))
-            summaries.append(run_one(recipe, Path(data_dir), run_dir, device))
+            summaries.append({**run_one(recipe, Path(data_dir), run_dir, device), **_final_scores(run_dir, loaded)})
         rows.append(_row(file.stem, planned[file][0][0], summaries))
     if seeds > 1:
         _add_differences(rows)
@@ -119,6 +130,25 @@ def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=()
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown(rows))
     return result
+
+
+def _benchmarks(benchmarks: list[str]) -> dict:
+    if not benchmarks:
+        return {}
+    from fasttricks.brainscore.follow import load_all
+
+    return load_all(list(benchmarks))
+
+
+def _final_scores(run_dir: Path, loaded: dict) -> dict[str, float]:
+    """``brainscore:ID`` -> the final model's score on each loaded benchmark."""
+    if not loaded:
+        return {}
+    from fasttricks.brainscore.follow import read_scores, score_pending
+
+    score_pending(run_dir, loaded, lambda found: [t for t in found if t.name == "final"])
+    final = [r for r in read_scores(run_dir) if r["checkpoint"] == "final" and r["error"] is None]
+    return {f"{BRAINSCORE}{r['benchmark']}": r["score"] for r in final if r["benchmark"] in loaded}
 
 
 def _runs(files: list[Path], out: Path, overrides, sets, seeds: int) -> dict[Path, list[tuple[Recipe, Path]]]:
@@ -131,7 +161,7 @@ def _runs(files: list[Path], out: Path, overrides, sets, seeds: int) -> dict[Pat
 def _row(name: str, recipe: Recipe, summaries: list[dict]) -> dict:
     """One table row: a single run's metrics, or their mean over seeds with the spread and values."""
     row = {"recipe": name, "tricks": tricks(recipe), "paper": recipe.paper}
-    for k in METRICS:
+    for k in _metrics(summaries):
         values = [s[k] for s in summaries if k in s]
         if values:
             row[k] = statistics.fmean(values)
@@ -161,16 +191,18 @@ def markdown(rows: list[dict]) -> str:
     (with seeds: mean ± sd, then each metric's difference from the first row ± its standard error)."""
     trick_cols = [c for c in rows[0]["tricks"] if any(r["tricks"][c] for r in rows)]
     paper_cols = sorted({k for r in rows for k in r["paper"]})
-    metric_cols = [k for k in METRICS if any(k in r for r in rows)]
+    names = _metrics(rows)
+    metric_cols = [k for k in names if any(k in r for r in rows)]
     seeded = "vs_first" in rows[0]
     delta_cols = metric_cols if seeded else []
-    header = ["recipe", *(f"paper: {c}" for c in paper_cols), *trick_cols, *(METRICS[k] for k in metric_cols),
-              *(f"Δ {METRICS[k]} vs {rows[0]['recipe']}" for k in delta_cols)]
+    header = ["recipe", *(f"paper: {c}" for c in paper_cols), *trick_cols,
+              *(names[k] + (" (paper)" if k in PAPER_KEYS else "") for k in metric_cols),
+              *(f"Δ {names[k]} vs {rows[0]['recipe']}" for k in delta_cols)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["recipe"], *(_num(r["paper"].get(c), 4) for c in paper_cols),
                  *(r["tricks"][c] for c in trick_cols),
-                 *(_num(r.get(k), 1) + (f" ± {r['sd'][k]:.1f}" if seeded and k in r else "") for k in metric_cols),
+                 *(_metric_cell(r, k, seeded) for k in metric_cols),
                  *(_delta_cell(r, rows[0], k) for k in delta_cols)]
         lines.append("| " + " | ".join(cells) + " |")
     if seeded:
@@ -180,14 +212,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The paper's figure beside ours for the benchmarks its tables report (Table 1: public behaviour,
+# Table 2: public V1); the recipes' paper: keys hold them.
+PAPER_KEYS = {f"{BRAINSCORE}Rajalingham2018public-i2n": "public_behavior",
+              f"{BRAINSCORE}FreemanZiemba2013public.V1-pls": "public_v1"}
+
+
+def _metric_cell(row: dict, key: str, seeded: bool) -> str:
+    digits = 4 if key.startswith(BRAINSCORE) else 1  # scores in [0, 1], accuracies in %
+    cell = _num(row.get(key), digits) + (f" ± {row['sd'][key]:.{digits}f}" if seeded and key in row else "")
+    paper = row["paper"].get(PAPER_KEYS.get(key, ""))
+    return cell + (f" ({paper:.4f})" if paper is not None and key in row else "")
+
+
 def _num(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _delta(diff: dict | None) -> str:
-    return "" if diff is None else f"{diff['mean']:+.1f} ± {diff['se']:.1f}"
+def _delta(diff: dict | None, digits: int = 1) -> str:
+    return "" if diff is None else f"{diff['mean']:+.{digits}f} ± {diff['se']:.{digits}f}"
 
 
 def _delta_cell(row: dict, first: dict, key: str) -> str:
     """The first row against itself is no measurement: a dash."""
-    return "—" if row is first else _delta(row["vs_first"].get(key))
+    return "—" if row is first else _delta(row["vs_first"].get(key), 4 if key.startswith(BRAINSCORE) else 1)

@@ -396,6 +396,9 @@ def ablate(
     seeds: Annotated[int, typer.Option(help="train each row with seeds 0..N-1 and report mean ± sd and the "
                                        "paired difference from the first row (1: the recipe's own seed)")] = 1,
     overwrite: Annotated[bool, typer.Option(help="replace rows that hold runs of another recipe")] = False,
+    benchmark: Annotated[list[str] | None, typer.Option(
+        help="also score each run's final model on this Brain-Score benchmark: a column each, the paper's "
+        "figure beside ours where it has one (repeatable; needs the benchmark's data)")] = None,
 ):
     """Train every recipe of a folder (resuming unfinished ones) and write a paper-style table:
     OUT/ablation.md and OUT/ablation.json."""
@@ -406,7 +409,8 @@ def ablate(
 
     out = out or Path("runs") / f"ablate-{folder.name}"
     run_ablation(folder, resolve_data(data), out, overrides=override or [], sets=set_ or [],
-                 device=torch.device(device) if device else None, seeds=seeds, overwrite=overwrite)
+                 device=torch.device(device) if device else None, seeds=seeds, overwrite=overwrite,
+                 benchmarks=benchmark or [])
     console.print((out / "ablation.md").read_text())
     console.print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
 

@@ -180,3 +180,44 @@ def test_a_run_trained_with_the_follower_beside_it_has_every_checkpoint_scored_o
                                                      "environment.json", "final.safetensors", "metrics.jsonl",
                                                      "summary.json"]
     assert [p.name for p in (run / "brainscore").iterdir()] == ["scores.jsonl"]
+
+
+def test_a_run_that_logs_to_tensorboard_gets_the_scores_in_an_event_file_of_the_followers(finished_run, tmp_path,
+                                                                                           stand_in):
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = _copy(finished_run, tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["logging"]["tensorboard"] = True  # as if trained with logging.tensorboard: true
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    records = follow(run, [BENCH], once=True)
+    [events] = [p for p in (run / "tb").iterdir() if p.name.endswith(".brainscore")]
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    scalars = acc.Scalars(f"brainscore/{BENCH}")
+    assert [(s.step, round(s.value, 4)) for s in scalars] == [(x, round(r["score"], 4))
+                                                              for x, r in zip((1, 2, 2), records, strict=True)]
+
+
+def test_ablate_with_a_benchmark_puts_its_column_beside_the_papers_figure(toy_data, tmp_path, stand_in):
+    from fasttricks.ablate import ablate
+    from fasttricks.recipes import PIPELINES
+
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    base = PIPELINES / "baseline.yaml"
+    (folder / "1-plain.yaml").write_text(f"base: {base}\nname: plain\npaper: {{public_behavior: 0.5133}}\n")
+    (folder / "2-cutmix.yaml").write_text(f"base: {base}\nname: cutmix\nstages: {{0: {{mixing: {{kind: cutmix}}}}}}\n")
+    sets = ["model.arch=test_efficientnet", "data.val_resize=40", "data.val_crop=32", "data.val_batch_size=200",
+            "stages.0.epochs=1", "stages.0.batch_size=64", "stages.0.resolution={min: 32, max: 32}"]
+    bench = "Rajalingham2018public-i2n"
+    result = ablate(folder, toy_data, tmp_path / "out", sets=sets, benchmarks=[bench])
+    for row in result["rows"]:
+        final = [r for r in read_scores(Path(row["run"])) if r["checkpoint"] == "final"]
+        assert row[f"brainscore:{bench}"] == final[0]["score"]  # the final model's, from the run's records
+    table = (tmp_path / "out" / "ablation.md").read_text().splitlines()
+    assert f"Brain-Score {bench} (paper)" in table[0]
+    plain = result["rows"][0][f"brainscore:{bench}"]
+    assert table[2].startswith("| 1-plain |") and f"{plain:.4f} (0.5133)" in table[2]
+    assert "(0." not in table[3].split("|")[-2]  # no paper figure for a row the paper has none for

@@ -4,7 +4,8 @@ benchmarks by a process of its own (``fasttricks brainscore follow``), or after 
 
 Scoring inside the trainer would stall its GPU, and under DDP every rank; so the follower only
 reads the run folder, and the trainer never waits for it. It writes one file there,
-``RUN/brainscore/scores.jsonl``, a record per (checkpoint, benchmark): stage, epoch, step, the
+``RUN/brainscore/scores.jsonl`` (and, when the run logs to TensorBoard, its own event file in
+``RUN/tb/``), a record per (checkpoint, benchmark): stage, epoch, step, the
 weights' sha1, the score or the error, the benchmark and brainscore_vision's version. Exports go
 to a temporary folder outside the run. Each (sha1, benchmark) pair is scored once, so a follower
 killed and started again neither loses nor repeats a score. It leaves when the run's lock is
@@ -103,6 +104,29 @@ def load_all(benchmarks: list[str]) -> dict:
     return {b: load_benchmark(b) for b in benchmarks}
 
 
+class _Events:
+    """The follower's own TensorBoard event file in ``RUN/tb/`` (when the run logs there): a scalar
+    ``brainscore/<benchmark>`` per scored model, at its epoch of the whole run."""
+
+    def __init__(self, run: Path):
+        from fasttricks.runs import saved_recipe
+
+        self._writer, self._starts, self._total = None, [], 0
+        recipe = saved_recipe(run)
+        if recipe.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run / "tb"), filename_suffix=".brainscore")
+            self._starts, self._total = recipe.stage_starts(), recipe.total_epochs()
+
+    def add(self, record: dict) -> None:
+        if self._writer is None or record["error"] is not None or record.get("step"):
+            return
+        x = self._total if record["stage"] is None else self._starts[record["stage"]] + record["epoch"]
+        self._writer.add_scalar(f"brainscore/{record['benchmark']}", record["score"], x)
+        self._writer.flush()
+
+
 def score_pending(run: Path, loaded: dict, chosen: Callable[[list[Target]], list[Target]] = lambda t: t) -> list[dict]:
     """Score every (target, benchmark) pair not in scores.jsonl yet; returns the new records. Weights
     already scored under another name (a final model equal to its last checkpoint) get a record
@@ -110,6 +134,7 @@ def score_pending(run: Path, loaded: dict, chosen: Callable[[list[Target]], list
     and named."""
     from fasttricks.brainscore.export import sha1
 
+    events = _Events(run)
     previous = read_scores(run)
     scored = {(r["weights_sha1"], r["benchmark"]): r for r in previous if r["error"] is None}
     named = {(r["checkpoint"], r["weights_sha1"], r["benchmark"]) for r in previous}
@@ -132,6 +157,7 @@ def score_pending(run: Path, loaded: dict, chosen: Callable[[list[Target]], list
             else:
                 record = score_target(run, target, benchmark, bench)
             _append(run, record)
+            events.add(record)
             named.add((target.name, digest, benchmark))
             if record["error"] is None:
                 scored[digest, benchmark] = record
