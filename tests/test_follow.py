@@ -221,3 +221,10 @@ def test_ablate_with_a_benchmark_puts_its_column_beside_the_papers_figure(toy_da
     plain = result["rows"][0][f"brainscore:{bench}"]
     assert table[2].startswith("| 1-plain |") and f"{plain:.4f} (0.5133)" in table[2]
     assert "(0." not in table[3].split("|")[-2]  # no paper figure for a row the paper has none for
+
+
+def test_fetch_loads_benchmarks_and_says_where_their_data_went(stand_in, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINIO_HOME", str(tmp_path / "brainio"))
+    result = CliRunner().invoke(app, ["brainscore", "fetch", BENCH])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0 and f"loaded {BENCH}" in text and f"BRAINIO_HOME ({tmp_path / 'brainio'})" in text
