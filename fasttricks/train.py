@@ -291,7 +291,8 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
                          state if resume_step else None)
         if _guard_says_collapse(run, s, stage, epoch, row):
             stage = _fall_back(run, s, stage, epoch, optimizer, ema, row)
-            continue  # the epoch again, from the checkpoint before it, with PGD
+            begin = Position(s, epoch)  # the epoch again from its start (even one this call resumed mid-way)
+            continue  # from the checkpoint before it, with PGD
         run.last_row = row
         run.tracker.epoch(run.epochs_before[s] + epoch + 1, row)
         if run.is_main:
