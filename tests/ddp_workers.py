@@ -103,9 +103,15 @@ def ddp_steps(rank: int, world: int, port: int, out: str, steps: int = 3) -> Non
         plain.adversarial = None
         before = len(calls)
         training_step(wrapped, images, labels, optimizer, torch.nn.CrossEntropyLoss(), plain, attack_model=model)
+        plain_calls = len(calls) - before
+        one_step = copy.deepcopy(stage)
+        one_step.adversarial = {"method": "n_fgsm", "eps": "8/255"}  # N-FGSM: its input gradient is not all-reduced
+        before = len(calls)
+        training_step(wrapped, images, labels, optimizer, torch.nn.CrossEntropyLoss(), one_step, attack_model=model)
         if rank == 0:
             torch.save({"weights": state, "identical_after_each_step": history, "pgd_step_allreduces": per_step,
-                        "plain_step_allreduces": len(calls) - before}, Path(out, "ddp.pt"))
+                        "plain_step_allreduces": plain_calls, "n_fgsm_step_allreduces": len(calls) - before},
+                       Path(out, "ddp.pt"))
         dist.barrier()  # both done talking before either tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()

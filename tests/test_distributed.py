@@ -45,6 +45,7 @@ def test_a_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path):
     # PGD's two input-gradient passes trigger no all-reduce: the same bucket count as a plain step
     assert ddp["plain_step_allreduces"] >= 1
     assert ddp["pgd_step_allreduces"] == [ddp["plain_step_allreduces"]] * 3
+    assert ddp["n_fgsm_step_allreduces"] == ddp["plain_step_allreduces"]  # one all-reduce pass per step
 
 
 def test_a_sam_step_under_ddp_all_reduces_once_and_perturbs_along_each_ranks_own_gradient(tmp_path):
