@@ -24,12 +24,12 @@ import yaml
 from fasttricks import recipes, runs
 from fasttricks.adversarial import describe_eps
 from fasttricks.atomic import write_json, write_text
+from fasttricks.brainscore.follow import BRAINSCORE
 from fasttricks.errors import InputError, InputMissing
 from fasttricks.progress import console
 from fasttricks.recipes import Recipe
 
 METRICS = {"val_top1": "val top-1", "val_clutter_top1": "val_clutter top-1", "val_robust_top1": "robust top-1"}
-BRAINSCORE = "brainscore:"  # a metric per benchmark scored with ablate --benchmark
 
 
 def _metrics(rows_or_summaries: list[dict]) -> dict[str, str]:
@@ -146,7 +146,7 @@ def _final_scores(run_dir: Path, loaded: dict) -> dict[str, float]:
         return {}
     from fasttricks.brainscore.follow import read_scores, score_pending
 
-    score_pending(run_dir, loaded, lambda found: [t for t in found if t.name == "final"])
+    score_pending(run_dir, loaded, lambda run, found: [t for t in found if t.name == "final"])
     final = [r for r in read_scores(run_dir) if r["checkpoint"] == "final" and r["error"] is None]
     return {f"{BRAINSCORE}{r['benchmark']}": r["score"] for r in final if r["benchmark"] in loaded}
 
@@ -218,8 +218,12 @@ PAPER_KEYS = {f"{BRAINSCORE}Rajalingham2018public-i2n": "public_behavior",
               f"{BRAINSCORE}FreemanZiemba2013public.V1-pls": "public_v1"}
 
 
+def _digits(key: str) -> int:
+    return 4 if key.startswith(BRAINSCORE) else 1  # scores in [0, 1], accuracies in %
+
+
 def _metric_cell(row: dict, key: str, seeded: bool) -> str:
-    digits = 4 if key.startswith(BRAINSCORE) else 1  # scores in [0, 1], accuracies in %
+    digits = _digits(key)
     cell = _num(row.get(key), digits) + (f" ± {row['sd'][key]:.{digits}f}" if seeded and key in row else "")
     paper = row["paper"].get(PAPER_KEYS.get(key, ""))
     return cell + (f" ({paper:.4f})" if paper is not None and key in row else "")
@@ -235,4 +239,4 @@ def _delta(diff: dict | None, digits: int = 1) -> str:
 
 def _delta_cell(row: dict, first: dict, key: str) -> str:
     """The first row against itself is no measurement: a dash."""
-    return "—" if row is first else _delta(row["vs_first"].get(key), 4 if key.startswith(BRAINSCORE) else 1)
+    return "—" if row is first else _delta(row["vs_first"].get(key), _digits(key))

@@ -110,14 +110,14 @@ def _combine_over_ranks(norms: list, seen: int) -> int:
     flat = torch.cat([torch.cat([m.running_mean, m.running_var]).to(torch.float64) * batches for m in norms]
                      + [batches.reshape(1), torch.tensor([float(seen)], device=batches.device, dtype=torch.float64)])
     sum_over_ranks(flat)
-    total, seen = flat[-2], int(flat[-1].item())
+    total, seen = int(flat[-2].item()), int(flat[-1].item())
     offset = 0
     for m in norms:
         n = m.running_mean.numel()
-        values = flat[offset:offset + 2 * n] / total.clamp(min=1)
+        values = flat[offset:offset + 2 * n] / max(total, 1)
         m.running_mean.copy_(values[:n])
         m.running_var.copy_(values[n:])
-        m.num_batches_tracked.fill_(int(total.item()))
+        m.num_batches_tracked.fill_(total)
         offset += 2 * n
     return seen
 

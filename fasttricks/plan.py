@@ -50,7 +50,8 @@ def _extras(stage: StageConfig) -> str:
     if stage.adversarial is not None:
         a = stage.adversarial
         step = f"{a.step_size * 255:.3g}/255" if a.norm == "linf" else f"{a.step_size:.3g}"
-        parts.append(f"PGD-{a.steps} {a.norm} ε {describe_eps(a)} step {step}")
+        attack = "N-FGSM" if a.method == "n_fgsm" else f"PGD-{a.steps}"
+        parts.append(f"{attack} {a.norm} ε {describe_eps(a)} step {step}" + (", guarded" if a.guard else ""))
     if stage.freeze:
         parts.append(f"frozen {stage.freeze if isinstance(stage.freeze, str) else len(stage.freeze)}")
     if stage.augment is not None:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from fasttricks.atomic import atomic_path
-from fasttricks.brainscore.follow import read_scores
+from fasttricks.brainscore.follow import BRAINSCORE, epoch_of, read_scores
 from fasttricks.errors import InputError
 from fasttricks.runs import read_metrics, saved_recipe
 
@@ -17,7 +17,6 @@ PANELS = {"train_loss": "train loss", "lr": "learning rate", "resolution": "trai
           "val_robust_top1": "robust top-1 (%)", "guard_robust_top1": "guard: robust top-1, train subset (%)",
           "images_per_s": "images/s"}
 CURVES_NAME = "curves.png"
-BRAINSCORE = "brainscore:"  # a curve per benchmark, all in one panel
 
 
 def curves(run: Path) -> dict[str, list[tuple[float, float]]]:
@@ -36,7 +35,7 @@ def curves(run: Path) -> dict[str, list[tuple[float, float]]]:
         points["val_robust_top1"] = [(float(recipe.total_epochs()), s["val_robust_top1"])]
     for record in read_scores(run):  # brainscore follow / score --checkpoints; the final model at the end
         if record["error"] is None and not record.get("step"):
-            x = recipe.total_epochs() if record["stage"] is None else starts[record["stage"]] + record["epoch"]
+            x = epoch_of(record, starts, recipe.total_epochs())
             points.setdefault(f"{BRAINSCORE}{record['benchmark']}", []).append((float(x), record["score"]))
     for key in [k for k in points if k.startswith(BRAINSCORE)]:
         points[key].sort()

@@ -279,10 +279,7 @@ def _run_stage(run: Run, s: int, stage: StageConfig, begin: Position, state: dic
     ema = (timm.utils.ModelEmaV3(run.model.net, decay=stage.average.ema_decay)
            if stage.average and stage.average.ema_decay else None)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state)
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
+        _load_training_state(state, optimizer, ema)
     stage = _guarded_attack(run, s, stage)  # after a collapse, the fallback PGD (the decision is in run.info)
     finished = epoch = begin.epoch
     while epoch < stage.epochs:
@@ -345,10 +342,7 @@ def _fall_back(run: Run, s: int, stage: StageConfig, epoch: int, optimizer, ema,
     path = run.out / "checkpoints" / Position(s, epoch).name()
     weights, saved = load_checkpoint(path)
     run.model.net.load_state_dict(weights)
-    optimizer.load_state_dict(saved["optimizer"])
-    _set_rng_state(saved)
-    if ema is not None:
-        ema.module.load_state_dict(saved["ema"])
+    _load_training_state(saved, optimizer, ema)
     state["fell_back_at_epoch"] = epoch + 1
     fallback = adv.fallback()
     event = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "guard": "collapse",
@@ -360,6 +354,14 @@ def _fall_back(run: Run, s: int, stage: StageConfig, epoch: int, optimizer, ema,
                       f"{event['guard_robust_top1']:.1f}% (best {event['guard_best']:.1f}%): catastrophic overfitting. "
                       f"Back to {path.name}; the rest of the stage trains with PGD-{fallback.steps}", soft_wrap=True)
     return stage.model_copy(update={"adversarial": fallback})
+
+
+def _load_training_state(state: dict, optimizer: torch.optim.Optimizer, ema: timm.utils.ModelEmaV3 | None) -> None:
+    """What a checkpoint holds beside the weights: the optimizer, the RNG streams, the EMA."""
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state)
+    if ema is not None:
+        ema.module.load_state_dict(state["ema"])
 
 
 def _write_curves(run: Run) -> None:

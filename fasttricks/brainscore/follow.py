@@ -29,6 +29,7 @@ from fasttricks.checkpoint import Position, list_checkpoints
 from fasttricks.progress import console
 
 SCORES = Path("brainscore") / "scores.jsonl"
+BRAINSCORE = "brainscore:"  # the prefix of a benchmark's metric in curves and ablate's columns
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,13 @@ def _append(run: Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
-def score_target(run: Path, target: Target, benchmark: str, loaded) -> dict:
-    """One record: the target exported to a temporary folder and scored in this process."""
-    from fasttricks.brainscore.export import export, sha1
+def score_target(run: Path, target: Target, digest: str, benchmark: str, loaded) -> dict:
+    """One record: the target (its weights' sha1 ``digest``) exported to a temporary folder and
+    scored in this process."""
+    from fasttricks.brainscore.export import export
     from fasttricks.brainscore.local import commitment
 
-    record = _describe(target, sha1(target.weights), benchmark)
+    record = _describe(target, digest, benchmark)
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="fasttricks-follow-") as tmp:
@@ -106,28 +108,37 @@ def load_all(benchmarks: list[str]) -> dict:
 
 class _Events:
     """The follower's own TensorBoard event file in ``RUN/tb/`` (when the run logs there): a scalar
-    ``brainscore/<benchmark>`` per scored model, at its epoch of the whole run."""
+    ``brainscore/<benchmark>`` per scored model, at its epoch of the whole run. The file is opened
+    at the first score, so a follower polling a run with nothing new writes none."""
 
     def __init__(self, run: Path):
         from fasttricks.runs import saved_recipe
 
-        self._writer, self._starts, self._total = None, [], 0
         recipe = saved_recipe(run)
-        if recipe.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(run / "tb"), filename_suffix=".brainscore")
-            self._starts, self._total = recipe.stage_starts(), recipe.total_epochs()
+        self._run, self._writer, self._on = run, None, recipe.logging.tensorboard
+        self._starts, self._total = recipe.stage_starts(), recipe.total_epochs()
 
     def add(self, record: dict) -> None:
-        if self._writer is None or record["error"] is not None or record.get("step"):
+        if not self._on or record["error"] is not None or record.get("step"):
             return
-        x = self._total if record["stage"] is None else self._starts[record["stage"]] + record["epoch"]
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self._run / "tb"), filename_suffix=".brainscore")
+        x = epoch_of(record, self._starts, self._total)
         self._writer.add_scalar(f"brainscore/{record['benchmark']}", record["score"], x)
         self._writer.flush()
 
 
-def score_pending(run: Path, loaded: dict, chosen: Callable[[list[Target]], list[Target]] = lambda t: t) -> list[dict]:
+def epoch_of(record: dict, starts: list[int], total: int) -> int:
+    """A record's epoch of the whole run (the final model: the last epoch)."""
+    return total if record["stage"] is None else starts[record["stage"]] + record["epoch"]
+
+
+Chooser = Callable[[Path, list[Target]], list[Target]]  # (run, its targets) -> those to score
+
+
+def score_pending(run: Path, loaded: dict, chosen: Chooser = lambda run, found: found) -> list[dict]:
     """Score every (target, benchmark) pair not in scores.jsonl yet; returns the new records. Weights
     already scored under another name (a final model equal to its last checkpoint) get a record
     that repeats that score without scoring again. A checkpoint deleted before its turn is skipped
@@ -139,11 +150,11 @@ def score_pending(run: Path, loaded: dict, chosen: Callable[[list[Target]], list
     scored = {(r["weights_sha1"], r["benchmark"]): r for r in previous if r["error"] is None}
     named = {(r["checkpoint"], r["weights_sha1"], r["benchmark"]) for r in previous}
     new = []
-    for target in chosen(targets(run)):
+    for target in chosen(run, targets(run)):
         try:
             digest = sha1(target.weights)
         except FileNotFoundError:
-            console.print(f"[yellow]{target.name}: deleted before its turn, skipped", soft_wrap=True)
+            _skipped(target)
             continue
         for benchmark, bench in loaded.items():
             if (target.name, digest, benchmark) in named:
@@ -152,10 +163,10 @@ def score_pending(run: Path, loaded: dict, chosen: Callable[[list[Target]], list
                 record = {**_describe(target, digest, benchmark), "score": scored[digest, benchmark]["score"],
                           "same_weights_as": scored[digest, benchmark]["checkpoint"]}
             elif not target.weights.is_file():
-                console.print(f"[yellow]{target.name}: deleted before its turn, skipped", soft_wrap=True)
+                _skipped(target)
                 break
             else:
-                record = score_target(run, target, benchmark, bench)
+                record = score_target(run, target, digest, benchmark, bench)
             _append(run, record)
             events.add(record)
             named.add((target.name, digest, benchmark))
@@ -165,6 +176,10 @@ def score_pending(run: Path, loaded: dict, chosen: Callable[[list[Target]], list
             what = f"{record['score']:.4f}" if record["error"] is None else f"error: {record['error']}"
             console.print(f"{run.name} {target.name} · {benchmark}: {what}", soft_wrap=True)
     return new
+
+
+def _skipped(target: Target) -> None:
+    console.print(f"[yellow]{target.name}: deleted before its turn, skipped", soft_wrap=True)
 
 
 def follow(run: Path, benchmarks: list[str], *, once: bool = False, poll: float = 30.0) -> list[dict]:
@@ -186,31 +201,27 @@ def follow(run: Path, benchmarks: list[str], *, once: bool = False, poll: float 
         time.sleep(poll)
 
 
-def choose(spec: str) -> Callable[[list[Target]], list[Target]]:
+def choose(spec: str) -> Chooser:
     """``all``, ``last`` (the final model, else the newest checkpoint) or epochs of the whole run
     (``3,5,10``: the checkpoints at those epochs, counted across stages)."""
     if spec == "all":
-        return lambda found: found
+        return lambda run, found: found
     if spec == "last":
-        return lambda found: found[-1:]
+        return lambda run, found: found[-1:]
     try:
         wanted = {int(e) for e in spec.split(",")}
     except ValueError:
         from fasttricks.errors import InputError
 
         raise InputError(f"--checkpoints expects all, last or epochs such as 3,5,10, not {spec!r}") from None
-    return lambda found: [t for t in found if t.position is not None and t.position.step == 0
-                          and not t.position.averaged and _run_epoch(t) in wanted]
 
+    def at_epochs(run: Path, found: list[Target]) -> list[Target]:
+        from fasttricks.runs import saved_recipe
 
-def _run_epoch(target: Target) -> int:
-    return target.position.epoch + _stage_start(target)
-
-
-def _stage_start(target: Target) -> int:
-    from fasttricks.runs import saved_recipe
-
-    return saved_recipe(target.weights.parent.parent.parent).stage_starts()[target.position.stage]
+        starts = saved_recipe(run).stage_starts()
+        return [t for t in found if t.position is not None and t.position.step == 0 and not t.position.averaged
+                and starts[t.position.stage] + t.position.epoch in wanted]
+    return at_epochs
 
 
 def last_scores(run: Path) -> dict[str, dict]:

@@ -285,12 +285,12 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
             raise BuildError(f"{len(failed)} file(s) in {src} failed while being written "
                              f"(did they change during the build?): {first}")
         summed = time.time()
-        checksums = compute_checksums(tmp, show_progress=show_progress, name=out.name)
+        checksums, images_size = compute_checksums(tmp, show_progress=show_progress, name=out.name)
         manifest = Manifest(source=str(src.resolve()), beton=str(out.resolve()), classes=classes,
                             images=len(good), source_images=source_images, beton_bytes=tmp.stat().st_size,
                             files=[rel for rel, _ in good], skipped=skipped,
                             options=asdict(opts), seconds=round(time.time() - start, 2),
-                            image_bytes=image_bytes(tmp), checksum_algorithm=CHECKSUM_ALGORITHM, checksums=checksums,
+                            image_bytes=images_size, checksum_algorithm=_checksum_algorithm(), checksums=checksums,
                             checksum_seconds=round(time.time() - summed, 2))
     write_json(manifest_path(out), asdict(manifest), indent=1)
     return manifest
@@ -321,19 +321,17 @@ def _writer_progress(label: str, total: int, enabled: bool):
             ffcv.writer.tqdm = original
 
 
-def compute_checksums(path: Path, *, show_progress: bool, name: str) -> list[int]:
+def _checksum_algorithm() -> str:
+    from fasttricks.data.checksums import ALGORITHM
+
+    return ALGORITHM
+
+
+def compute_checksums(path: Path, *, show_progress: bool, name: str) -> tuple[list[int], int]:
+    # imported here: data/checksums.py reads manifests through this module
     from fasttricks.data.checksums import compute
 
     return compute(path, show_progress=show_progress, name=name)
-
-
-def image_bytes(path: Path) -> int:
-    from fasttricks.data import checksums
-
-    return checksums.image_bytes(path)
-
-
-CHECKSUM_ALGORITHM = "crc32 of the metadata row and the allocated bytes"  # data/checksums.py
 
 
 def _classes_from(beton: str | None) -> list[str] | None:

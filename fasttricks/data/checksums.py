@@ -19,6 +19,7 @@ import numpy as np
 from fasttricks.data.beton import BuildError, manifest_path, read_manifest
 from fasttricks.progress import progress_bar
 
+ALGORITHM = "crc32 of the metadata row and the allocated bytes"  # recorded in the manifest
 TRAIN_SAMPLE = 1024  # images per beton that `train` checks before it starts (seeded; all if fewer)
 
 
@@ -50,14 +51,9 @@ class _Samples:
         return crc
 
 
-def image_bytes(path: str | os.PathLike) -> int:
-    """The bytes a beton's images and labels take, without the free space of FFCV's pages (a small
-    beton's file is mostly that)."""
-    return int(_Samples(Path(path)).table["size"].sum())
-
-
-def compute(path: str | os.PathLike, *, show_progress: bool = True, name: str | None = None) -> list[int]:
-    """Every image's checksum, in beton order (``name``: what the progress bar calls the beton)."""
+def compute(path: str | os.PathLike, *, show_progress: bool = True, name: str | None = None) -> tuple[list[int], int]:
+    """Every image's checksum, in beton order, and the bytes the images take (without the free
+    space of FFCV's pages, which a small beton's file is mostly); ``name``: what the bar calls it."""
     samples = _Samples(Path(path))
     n = len(samples.metadata)
     out = []
@@ -66,7 +62,7 @@ def compute(path: str | os.PathLike, *, show_progress: bool = True, name: str | 
             out.append(samples.checksum(i))
             if i % 1000 == 999 or i == n - 1:
                 advance(i % 1000 + 1)
-    return out
+    return out, int(samples.table["size"].sum())
 
 
 def damaged(path: str | os.PathLike, indices=None, *, show_progress: bool = False) -> list[int]:
