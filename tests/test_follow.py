@@ -228,3 +228,13 @@ def test_fetch_loads_benchmarks_and_says_where_their_data_went(stand_in, tmp_pat
     result = CliRunner().invoke(app, ["brainscore", "fetch", BENCH])
     text = " ".join(result.output.split())
     assert result.exit_code == 0 and f"loaded {BENCH}" in text and f"BRAINIO_HOME ({tmp_path / 'brainio'})" in text
+
+
+def test_the_follower_sees_only_the_device_it_is_given(finished_run, tmp_path, stand_in, monkeypatch):
+    run = _copy(finished_run, tmp_path)
+    for device, visible in (("cpu", ""), ("cuda:1", "1")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        result = CliRunner().invoke(app, ["brainscore", "follow", str(run), "--benchmark", BENCH, "--once",
+                                          "--device", device])
+        assert result.exit_code == 0, result.output
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == visible  # set before anything touches CUDA
