@@ -17,17 +17,24 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=12
 
 # The tests whose behaviour depends on a dependency's version, at the lower bounds pyproject.toml
-# allows (constraints-min.txt): .venv-min/ sees .venv's packages (a .pth file) with those pinned over them.
+# allows (constraints-min.txt, every dependency): .venv-min/ sees .venv's packages (a .pth file)
+# with those pinned over them. One test file or more per dependency: pytorch-optimizer (sam),
+# kornia (augmix, syncguard), typer and rich (docs: every command's --help), pydantic and PyYAML
+# (recipes), FFCV, numba, numpy, Pillow and OpenCV (beton, loader), timm (models), robustness
+# (adversarial), safetensors (averaging), matplotlib (preview), scikit-image (toy),
+# brainscore-vision (brainscore).
 MIN_VENV := .venv-min
-MIN_TESTS := tests/test_sam.py tests/test_augmix.py tests/test_syncguard.py
+MIN_TESTS := tests/test_sam.py tests/test_augmix.py tests/test_syncguard.py tests/test_docs.py tests/test_recipes.py \
+	tests/test_beton.py tests/test_loader.py tests/test_models.py tests/test_adversarial.py tests/test_averaging.py \
+	tests/test_preview.py tests/test_toy.py tests/test_brainscore.py
 test-min: $(STAMP) constraints-min.txt
 	[ -x $(MIN_VENV)/bin/python ] || python3 -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -c "import site, sys; open(site.getsitepackages()[0] + '/main-venv.pth', 'w').write(sys.argv[1])" \
 		"$$($(PY) -c 'import site; print(site.getsitepackages()[0])')"
 	$(MIN_VENV)/bin/python -m pip install -q --no-deps -r constraints-min.txt > $(MIN_VENV)/install.log 2>&1 \
 		|| { tail -20 $(MIN_VENV)/install.log; exit 1; }
-	$(MIN_VENV)/bin/python -c "from importlib.metadata import version as v; print('lower bounds:', \
-		'pytorch-optimizer', v('pytorch-optimizer'), 'kornia', v('kornia'))"
+	$(MIN_VENV)/bin/python -c "from importlib.metadata import version as v; import re; print('lower bounds:', \
+		', '.join(f'{n} {v(n)}' for n in re.findall(r'^([A-Za-z0-9_.-]+)==', open('constraints-min.txt').read(), re.M)))"
 	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
 
 setup: $(STAMP)
@@ -56,10 +63,14 @@ system-deps:
 # constraints.txt pins the exact set CI runs; pyproject.toml itself holds ranges.
 # pip's and the builds' own warnings (FFCV compiles from source) go to .venv/install.log, shown
 # only when the install fails.
-$(STAMP): pyproject.toml constraints.txt | system-deps
+# AutoAttack's library, apart and --no-deps: its requests~=2.25.1 pin (for downloads it never
+# imports) conflicts with the rest; it needs only torch, numpy and scipy (docs/install.md).
+TORCHATTACKS := torchattacks==3.5.1
+$(STAMP): pyproject.toml constraints.txt Makefile | system-deps
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	@echo "installing fasttricks and its dependencies into $(VENV) (log: $(VENV)/install.log)"
 	@{ $(PY) -m pip install -q --upgrade pip && \
-	   $(PY) -m pip install -q -c constraints.txt -e '.[dev]'; } > $(VENV)/install.log 2>&1 \
+	   $(PY) -m pip install -q -c constraints.txt -e '.[dev]' && \
+	   $(PY) -m pip install -q --no-deps $(TORCHATTACKS); } > $(VENV)/install.log 2>&1 \
 	   || { tail -40 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1; }
 	touch $(STAMP)

@@ -10,10 +10,12 @@ Rows (``--rows``, comma-separated):
 - ``behaviour``: the winner recipe's second stage as it runs (first half frozen, Adam, heavy
   augmentation + Foreground-CutMix, its resolution and batch, bf16 autocast on CUDA): fed +
   augmented against the same step on a synthetic batch.
-- ``projection``: images/s of the winner's first stage at each resolution of its ramp (PGD-3,
-  synthetic batch, times the ``pgd`` row's saturation when measured), the behaviour row's fed
-  rate, and from them the hours of ``train --recipe winner`` on ImageNet's 1,281,167 images.
-  Training steps only: evaluation, averaging and the FixRes sweep are left out.
+- ``projection``: images/s of each adversarial stage of ``winner`` and ``winner-fast`` at each
+  resolution of its ramp, with its own attack (PGD-3, N-FGSM; synthetic batch, times the ``pgd``
+  row's saturation when measured), a guarded stage's PGD-10 check at the test crop, the behaviour
+  row's fed rate, and from them the hours of each recipe on ImageNet's 1,281,167 images (one row
+  each). Training steps only: evaluation, averaging and the FixRes sweep are left out.
+  ``projection.py`` makes the same sum from rates measured at one resolution.
 
 Method: per setting a warm-up (compilation, cudnn autotuning), then --steps timed steps, the
 device synchronised inside the timed region. Defaults: EfficientNet-B1 on CUDA with the model
@@ -203,33 +205,68 @@ def behaviour_row(b: Bench) -> dict:
     return row
 
 
-def stage1_rates(b: Bench, rows: list[dict]) -> dict:
-    """Images/s of the winner's first stage at each resolution of its ramp (synthetic batch, times
-    the pgd row's saturation at its PGD steps when that row ran). Before the behaviour row freezes
-    the model."""
-    robust = load_recipe("winner").stages[0]
-    pgd = next((r for r in rows if r.get("row") == "pgd" and r["pgd_steps"] == robust.adversarial.steps), None)
+PROJECTED = ("winner", "winner-fast")  # issue #23: winner-fast's goal is <= 7 h on one H100
+
+
+def stage_rates(b: Bench, rows: list[dict]) -> dict:
+    """Images/s of each adversarial stage of the projected recipes at each resolution of its ramp,
+    with the stage's own attack (synthetic batch, times the pgd row's saturation at PGD-3 when that
+    row ran); and the guard's PGD-10 at the test crop. Before the behaviour row freezes the model."""
+    pgd = next((r for r in rows if r.get("row") == "pgd" and r["pgd_steps"] == 3), None)
     saturation = pgd["saturation"] if pgd else 1.0
-    batch_size = robust.batch_size if b.device.type == "cuda" else b.args.batch_size
-    rates = {}
-    for res in sorted({resolution_at(robust.resolution, e) for e in range(robust.epochs)}):
-        rates[res] = round(b.rate(b.compiled, robust, itertools.repeat(b.synthetic(batch_size, res))) * saturation, 1)
-        print(f"  winner stage 1 at {res} px: {rates[res]:.0f} img/s", flush=True)
+    rates: dict[str, dict] = {}
+    for name in PROJECTED:
+        recipe = load_recipe(name)
+        for i, stage in enumerate(recipe.stages):
+            if stage.adversarial is None:
+                continue
+            batch_size = stage.batch_size if b.device.type == "cuda" else b.args.batch_size
+            key = f"{name}/{i}"
+            rates[key] = {}
+            for res in sorted({resolution_at(stage.resolution, e) for e in range(stage.epochs)}):
+                batch = itertools.repeat(b.synthetic(batch_size, res))
+                rates[key][res] = round(b.rate(b.compiled, stage, batch) * saturation, 1)
+                print(f"  {name} stage {i} at {res} px: {rates[key][res]:.0f} img/s", flush=True)
+            guard = stage.adversarial.guard
+            if guard is not None:
+                check = stage.model_copy(update={"adversarial": AdversarialConfig(eps=stage.adversarial.eps,
+                                                                                  steps=guard.steps)})
+                crop = recipe.data.val_crop
+                # a PGD-10 training step stands in for the guard's PGD-10 measurement (one more backward)
+                batch = itertools.repeat(b.synthetic(batch_size, crop))
+                rates[f"{key}/guard"] = round(b.rate(b.compiled, check, batch), 1)
     return {"rates": rates, "saturation": saturation}
 
 
-def projection_row(stage1: dict, behaviour: dict, compiled: bool) -> dict:
-    """Hours of the winner recipe's training steps on ImageNet."""
-    robust, stage2 = load_recipe("winner").stages
-    rates, stage2_rate = stage1["rates"], behaviour["images_per_s_loader_fed_augmented"]
-    seconds = sum(IMAGENET_TRAIN / rates[resolution_at(robust.resolution, e)] for e in range(robust.epochs))
-    seconds += stage2.epochs * IMAGENET_TRAIN / stage2_rate
-    row = {"row": "projection", "images": IMAGENET_TRAIN, "compiled": compiled,
-           "stage1_images_per_s_by_res": rates, "stage1_saturation_applied": stage1["saturation"],
-           "stage2_images_per_s": stage2_rate, "hours": round(seconds / 3600, 2),
-           "excluded": "evaluation, averaging (BN recalibration) and the FixRes sweep"}
-    print(row, flush=True)
-    return row
+def projection_rows(measured: dict, behaviour: dict, compiled: bool) -> list[dict]:
+    """Hours of each projected recipe's training steps on ImageNet, term by term."""
+    rows = []
+    for name in PROJECTED:
+        recipe, terms = load_recipe(name), []
+        for i, stage in enumerate(recipe.stages):
+            key = f"{name}/{i}"
+            if stage.adversarial is None:  # the behaviour stage, as the behaviour row ran it
+                terms.append({"stage": stage.name, "epochs": stage.epochs,
+                              "images_per_s": behaviour["images_per_s_loader_fed_augmented"]})
+                continue
+            for e in range(stage.epochs):
+                res = resolution_at(stage.resolution, e)
+                rate = measured["rates"][key][res]
+                terms.append({"stage": stage.name, "epochs": 1, "res": res, "images_per_s": rate})
+            guard = stage.adversarial.guard
+            if guard is not None:
+                terms.append({"stage": f"{stage.name} guard", "epochs": stage.epochs, "images": guard.images,
+                              "images_per_s": measured["rates"][f"{key}/guard"]})
+        seconds = sum(t["epochs"] * t.get("images", IMAGENET_TRAIN) / t["images_per_s"] for t in terms)
+        row = {"row": "projection", "recipe": name, "images": IMAGENET_TRAIN, "compiled": compiled,
+               "stage_images_per_s_by_res": {k: v for k, v in measured["rates"].items() if k.startswith(name + "/")},
+               "saturation_applied": measured["saturation"],
+               "behaviour_images_per_s": behaviour["images_per_s_loader_fed_augmented"],
+               "hours": round(seconds / 3600, 2),
+               "excluded": "evaluation, averaging (BN recalibration) and the FixRes sweep"}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -260,11 +297,11 @@ def main() -> None:
             save(pgd_rows(b))
         if "one_step" in wanted:
             save(one_step_rows(b))
-        stage1 = stage1_rates(b, rows) if "projection" in wanted else None
-        if "behaviour" in wanted or stage1 is not None:
+        measured = stage_rates(b, rows) if "projection" in wanted else None
+        if "behaviour" in wanted or measured is not None:
             save(behaviour_row(b))  # last but the projection: it freezes the shared model
-        if stage1 is not None:
-            save(projection_row(stage1, rows[-1], b.compile))
+        if measured is not None:
+            save(projection_rows(measured, rows[-1], b.compile))
     print(f"wrote {out}")
 
 

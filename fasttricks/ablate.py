@@ -29,7 +29,10 @@ from fasttricks.errors import InputError, InputMissing
 from fasttricks.progress import console
 from fasttricks.recipes import Recipe
 
-METRICS = {"val_top1": "val top-1", "val_clutter_top1": "val_clutter top-1", "val_robust_top1": "robust top-1"}
+METRICS = {"val_top1": "val top-1", "val_clutter_top1": "val_clutter top-1", "val_robust_top1": "robust top-1",
+           "val_autoattack_top1": "AutoAttack top-1", "robust_seconds": "robust-stage s",
+           "guard_seconds": "of which guard s"}
+TIME, GUARD = "robust_seconds", "guard_seconds"  # compared as ratios to the first row's, not as differences
 
 
 def _metrics(rows_or_summaries: list[dict]) -> dict[str, str]:
@@ -87,7 +90,9 @@ def run_one(recipe: Recipe, data_dir: Path, out: Path, device: torch.device | No
 
 def _same_recipe(out: Path, recipe: Recipe) -> bool:
     config = out / "config.yaml"
-    return config.is_file() and recipes.validate(yaml.safe_load(config.read_text())) == recipe
+    # by value, key by key: a recipe's notes (what an override changed) are not part of it
+    return config.is_file() and not runs.recipe_differences(recipes.validate(yaml.safe_load(config.read_text())),
+                                                            recipe)
 
 
 def _check_replacements(runs_by_file: dict[Path, list[tuple[Recipe, Path]]], overwrite: bool) -> None:
@@ -105,31 +110,52 @@ def _check_replacements(runs_by_file: dict[Path, list[tuple[Recipe, Path]]], ove
 
 def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=(), sets=(),
            device: torch.device | None = None, seeds: int = 1, overwrite: bool = False,
-           benchmarks: list[str] = ()) -> dict:
+           benchmarks: list[str] = (), toy: bool = False) -> dict:
     """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md`` and ``.json``.
     With ``benchmarks``, each run's final model is also scored on those Brain-Score benchmarks (a
-    column each, the records in the run's ``brainscore/scores.jsonl``, each model scored once)."""
+    column each, the records in the run's ``brainscore/scores.jsonl``, each model scored once).
+    With ``toy`` and no ``overrides``, each row gets its own recipe's toy override, as ``train
+    --data toy`` gives it."""
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, not {seeds}")
     files = recipe_files(folder)
-    planned = _runs(files, out, overrides, sets, seeds)  # every recipe validated before any training
+    planned = _runs(files, out, overrides, sets, seeds, toy)  # every recipe validated before any training
     _check_replacements(planned, overwrite)
     loaded = _benchmarks(benchmarks)  # before any training: one that cannot load stops here
-    rows = []
-    for i, file in enumerate(files, start=1):
-        summaries = []
-        for recipe, run_dir in planned[file]:
+    summaries = {file: [] for file in files}
+    # seed by seed, every row in turn: a drift in the machine's speed then falls on every row alike
+    # (the time ratios between rows are read within a seed)
+    for k in range(seeds):
+        for i, file in enumerate(files, start=1):
+            recipe, run_dir = planned[file][k]
             console.rule(f"[bold]{i}/{len(files)} {file.stem}" + (f" · {run_dir.name}" if seeds > 1 else ""))
-            summaries.append({**run_one(recipe, Path(data_dir), run_dir, device), **_final_scores(run_dir, loaded)})
-        rows.append(_row(file.stem, planned[file][0][0], summaries))
+            summary = run_one(recipe, Path(data_dir), run_dir, device)
+            summaries[file].append({**summary, **_final_scores(run_dir, loaded), **robust_stage_time(run_dir)})
+    rows = [_row(file.stem, planned[file][0][0], summaries[file]) for file in files]
     if seeds > 1:
         _add_differences(rows)
+    _add_time_ratios(rows, [summaries[file] for file in files])
     result = {"folder": str(folder), "data": str(data_dir), "overrides": [str(o) for o in overrides],
               "sets": list(sets), "seeds": seeds, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown(rows))
     return result
+
+
+def robust_stage_time(run_dir: Path) -> dict[str, float]:
+    """``robust_seconds``: the seconds the run's adversarial stages took to train, their guard's
+    measurements and any epoch a collapse discarded included (from metrics.jsonl); empty when the
+    run has no adversarial stage. Evaluation and checkpointing are left out: they do not depend on
+    the training attack."""
+    recipe = recipes.validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    adversarial = {i for i, s in enumerate(recipe.stages) if s.adversarial is not None}
+    rows = [r for r in runs.read_metrics(run_dir) if r.get("stage_index") in adversarial]
+    if not rows:
+        return {}
+    guard = sum(r.get("guard_seconds", 0.0) for r in rows)
+    return {"robust_seconds": sum(r.get("seconds", 0.0) for r in rows) + guard,
+            **({"guard_seconds": guard} if any("guard_seconds" in r for r in rows) else {})}
 
 
 def _benchmarks(benchmarks: list[str]) -> dict:
@@ -151,11 +177,20 @@ def _final_scores(run_dir: Path, loaded: dict) -> dict[str, float]:
     return {f"{BRAINSCORE}{r['benchmark']}": r["score"] for r in final if r["benchmark"] in loaded}
 
 
-def _runs(files: list[Path], out: Path, overrides, sets, seeds: int) -> dict[Path, list[tuple[Recipe, Path]]]:
+def _runs(files: list[Path], out: Path, overrides, sets, seeds: int,
+          toy: bool = False) -> dict[Path, list[tuple[Recipe, Path]]]:
     """Each file's (recipe, run folder) pairs: one with the recipe's own seed, or one per seed."""
     variants = [([], "")] if seeds == 1 else [([f"seed={k}"], f"seed-{k}") for k in range(seeds)]
-    return {f: [(recipes.load_recipe(f, overrides, [*sets, *extra]), out / f.stem / sub) for extra, sub in variants]
-            for f in files}
+    planned = {}
+    for f in files:
+        row_overrides = overrides or ([recipes.toy_override(recipes.load_recipe(f))] if toy else [])
+        planned[f] = [(recipes.load_recipe(f, row_overrides, [*sets, *extra]), out / f.stem / sub)
+                      for extra, sub in variants]
+    if toy and not overrides:
+        used = sorted({str(recipes.toy_override(recipes.load_recipe(f))) for f in files})
+        console.print(f"--data toy: each row with its recipe's toy override ({', '.join(used)}; "
+                      "--no-toy-settings trains the recipes as written)", soft_wrap=True)
+    return planned
 
 
 def _row(name: str, recipe: Recipe, summaries: list[dict]) -> dict:
@@ -174,16 +209,37 @@ def _row(name: str, recipe: Recipe, summaries: list[dict]) -> dict:
 
 
 def _add_differences(rows: list[dict]) -> None:
-    """Each row's paired difference from the first row, per metric: mean and standard error over seeds."""
+    """Each row's paired difference from the first row, per metric: mean and standard error over
+    seeds; for the robust stage's time, the paired ratio instead (``time_ratio``)."""
     first = rows[0]["per_seed"]
     for row in rows:
         row["vs_first"] = {}
         for k, values in row["per_seed"].items():
-            if k not in first:
+            if k not in first or k in (TIME, GUARD):
                 continue
             diffs = [v - f for v, f in zip(values, first[k], strict=True)]
             row["vs_first"][k] = {"mean": statistics.fmean(diffs),
                                   "se": statistics.stdev(diffs) / len(diffs) ** 0.5}
+
+
+def _add_time_ratios(rows: list[dict], summaries: list[list[dict]]) -> None:
+    """Each row's robust-stage time as a ratio to the first row's, seed by seed (the runs of one
+    seed ran one after another, so they share the machine's state): mean and standard error."""
+    def steps(s: dict) -> float:
+        return s[TIME] - s.get(GUARD, 0.0)
+
+    first = summaries[0]
+    for row, runs_of_row in zip(rows, summaries, strict=True):
+        if not all(TIME in s for s in runs_of_row + first):
+            continue
+        row["time_ratio"] = _mean_se([s[TIME] / f[TIME] for s, f in zip(runs_of_row, first, strict=True)])
+        if any(GUARD in s for group in summaries for s in group):  # the guard's share apart
+            row["steps_time_ratio"] = _mean_se([steps(s) / steps(f) for s, f in zip(runs_of_row, first, strict=True)])
+
+
+def _mean_se(values: list[float]) -> dict:
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "se": se}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -194,21 +250,30 @@ def markdown(rows: list[dict]) -> str:
     names = _metrics(rows)
     metric_cols = [k for k in names if any(k in r for r in rows)]
     seeded = "vs_first" in rows[0]
-    delta_cols = metric_cols if seeded else []
+    delta_cols = [k for k in metric_cols if k not in (TIME, GUARD)] if seeded else []
+    ratio_cols = [k for k in ("time_ratio", "steps_time_ratio") if any(k in r for r in rows)]
+    ratio_names = {"time_ratio": f"robust-stage time ÷ {rows[0]['recipe']}",
+                   "steps_time_ratio": f"without the guard ÷ {rows[0]['recipe']}"}
     header = ["recipe", *(f"paper: {c}" for c in paper_cols), *trick_cols,
               *(names[k] + (" (paper)" if k in PAPER_KEYS else "") for k in metric_cols),
+              *(ratio_names[k] for k in ratio_cols),
               *(f"Δ {names[k]} vs {rows[0]['recipe']}" for k in delta_cols)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["recipe"], *(_num(r["paper"].get(c), 4) for c in paper_cols),
                  *(r["tricks"][c] for c in trick_cols),
                  *(_metric_cell(r, k, seeded) for k in metric_cols),
+                 *(_ratio(r.get(k)) for k in ratio_cols),
                  *(_delta_cell(r, rows[0], k) for k in delta_cols)]
         lines.append("| " + " | ".join(cells) + " |")
     if seeded:
         n = len(next(iter(rows[0]["per_seed"].values())))
         lines.append(f"\n{n} seeds per row (the same seeds in every row); mean ± standard deviation; "
                      "Δ: mean paired difference ± its standard error.")
+    if ratio_cols:
+        lines.append(("\n" if not seeded else "") + "Robust-stage time: the adversarial stages' training seconds, the "
+                     "guard's measurements included (and, where a row has a guard, without them); its ratio to "
+                     "the first row's is taken seed by seed (mean ± standard error).")
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +292,12 @@ def _metric_cell(row: dict, key: str, seeded: bool) -> str:
     cell = _num(row.get(key), digits) + (f" ± {row['sd'][key]:.{digits}f}" if seeded and key in row else "")
     paper = row["paper"].get(PAPER_KEYS.get(key, ""))
     return cell + (f" ({paper:.4f})" if paper is not None and key in row else "")
+
+
+def _ratio(ratio: dict | None) -> str:
+    if ratio is None:
+        return ""
+    return f"{ratio['mean']:.2f}" + ("" if ratio["se"] is None else f" ± {ratio['se']:.2f}")
 
 
 def _num(value: float | None, digits: int) -> str:

@@ -26,7 +26,7 @@ from torch import nn
 
 from fasttricks.devices import autocast
 from fasttricks.errors import InputError
-from fasttricks.recipes import AdversarialConfig
+from fasttricks.recipes import AdversarialConfig, AutoAttackConfig
 from fasttricks.seeding import ATTACK, EVAL_ATTACK, stream_seed
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -147,9 +147,17 @@ def describe_eps(cfg: AdversarialConfig) -> str:
     return f"{cfg.eps * 255:.4g}/255" if cfg.norm == "linf" else f"{cfg.eps:.4g}"
 
 
-def parse_attack(spec: str) -> AdversarialConfig:
-    """``norm:eps:steps`` (e.g. ``linf:8/255:20``, ``l2:3.0:20``) with step size 2.5·ε/steps
-    (Madry et al.'s rule), random start, as the evaluation standard uses."""
+def parse_attack(spec: str) -> AdversarialConfig | AutoAttackConfig:
+    """``norm:eps:steps`` (e.g. ``linf:8/255:20``, ``l2:3.0:20``): PGD with step size 2.5·ε/steps
+    (Madry et al.'s rule), random start, as the evaluation standard uses. ``autoattack:norm:eps``
+    (e.g. ``autoattack:linf:4/255``): AutoAttack's standard version (fasttricks/autoattack.py)."""
+    if spec.startswith("autoattack"):
+        try:
+            _, norm, eps = spec.split(":")
+            return AutoAttackConfig(norm=norm, eps=eps)
+        except ValueError as e:
+            raise InputError(f"--attack expects autoattack:norm:eps such as autoattack:linf:4/255, not {spec!r} "
+                             f"({e})") from None
     try:
         norm, eps, steps = spec.split(":")
         cfg = AdversarialConfig(norm=norm, eps=eps, steps=int(steps), step_size=0.0)

@@ -281,7 +281,10 @@ def eval_cmd(
     resize: Annotated[int | None, typer.Option(help="test resize (short side), overrides the ratio")] = None,
     batch_size: int = 256, device: str | None = None,
     attack: Annotated[str | None, typer.Option(
-        help="also robust accuracy under PGD: norm:eps:steps, e.g. linf:8/255:20 or l2:3:20")] = None,
+        help="also robust accuracy under PGD: norm:eps:steps, e.g. linf:8/255:20 or l2:3:20; or under "
+        "AutoAttack (standard version, needs torchattacks): autoattack:norm:eps, e.g. autoattack:linf:4/255")] = None,
+    attack_images: Annotated[int | None, typer.Option(
+        min=1, help="robust accuracy on a seeded subset of this many images per split (default: all)")] = None,
 ):
     """Top-1 and top-5 accuracy on val (and val_clutter when present); robust top-1 with --attack."""
     import torch
@@ -292,13 +295,19 @@ def eval_cmd(
     from fasttricks.evaluate import eval_command
 
     threat = parse_attack(attack) if attack else None
+    if attack_images is not None and threat is None:
+        raise InputError("--attack-images needs --attack (the attack whose images it limits)")
     result = eval_command(weights, resolve_data(data), crop=res, resize=resize, batch_size=batch_size,
-                          device=torch.device(device) if device else default_device(), attack=threat)
+                          device=torch.device(device) if device else default_device(), attack=threat,
+                          attack_images=attack_images)
     console.print(f"{weights} at resize {result['resize']} / crop {result['crop']}")
     for split in ("val", "val_clutter"):
         if split in result:
             m = result[split]
-            robust = f"  robust top-1 {m['robust_top1']:6.2f}% ({attack})" if "robust_top1" in m else ""
+            robust = ""
+            for key in ("robust", "autoattack"):
+                if f"{key}_top1" in m:
+                    robust = f"  robust top-1 {m[f'{key}_top1']:6.2f}% ({attack}, {m[f'{key}_images']} images)"
             console.print(f"  {split:<12} top-1 {m['top1']:6.2f}%  top-5 {m['top5']:6.2f}%{robust}  "
                           f"({m['images']} images)")
     print(json.dumps(result))
@@ -399,6 +408,8 @@ def ablate(
     benchmark: Annotated[list[str] | None, typer.Option(
         help="also score each run's final model on this Brain-Score benchmark: a column each, the paper's "
         "figure beside ours where it has one (repeatable; needs the benchmark's data)")] = None,
+    toy_settings: Annotated[bool, typer.Option(
+        help="with --data toy and no --override: each row with its recipe's toy override (as train does)")] = True,
 ):
     """Train every recipe of a folder (resuming unfinished ones) and write a paper-style table:
     OUT/ablation.md and OUT/ablation.json."""
@@ -410,7 +421,7 @@ def ablate(
     out = out or Path("runs") / f"ablate-{folder.name}"
     run_ablation(folder, resolve_data(data), out, overrides=override or [], sets=set_ or [],
                  device=torch.device(device) if device else None, seeds=seeds, overwrite=overwrite,
-                 benchmarks=benchmark or [])
+                 benchmarks=benchmark or [], toy=data == "toy" and toy_settings)
     console.print((out / "ablation.md").read_text())
     console.print(f"wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
 

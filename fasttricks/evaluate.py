@@ -11,12 +11,15 @@ import torch
 from torch import nn
 
 from fasttricks.adversarial import image_generators, pgd
+from fasttricks.autoattack import chosen_images
+from fasttricks.autoattack import describe as describe_autoattack
+from fasttricks.autoattack import robust_top1 as autoattack_top1
 from fasttricks.checkpoint import read_info
 from fasttricks.data.loader import ValLoader, beton_paths
 from fasttricks.devices import autocast
 from fasttricks.distributed import sum_over_ranks
 from fasttricks.models import Classifier, classifier_for, weights_file
-from fasttricks.recipes import AdversarialConfig
+from fasttricks.recipes import AdversarialConfig, AutoAttackConfig
 
 
 def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
@@ -58,14 +61,24 @@ def val_loaders(data_dir: str | os.PathLike, *, resize: int, crop: int, batch_si
 
 
 def evaluate_splits(model: nn.Module, loaders: dict[str, ValLoader], device: torch.device,
-                    attack: AdversarialConfig | None = None) -> dict[str, dict]:
-    """Accuracy on each split; with ``attack`` also robust accuracy (``robust_top1``)."""
+                    attack: AdversarialConfig | None = None, autoattack: AutoAttackConfig | None = None,
+                    num_classes: int | None = None, attack_images: int | None = None) -> dict[str, dict]:
+    """Accuracy on each split; with ``attack`` also robust accuracy under PGD (``robust_top1``),
+    with ``autoattack`` under AutoAttack (``autoattack_top1``, needs ``num_classes``). The robust
+    figures are taken on a seeded subset of ``attack_images`` (``autoattack.images``) per split
+    when given; clean accuracy always on the whole split."""
     results = {}
     for split, loader in loaders.items():
         results[split] = accuracy(model, loader, device)
         if attack is not None:
-            robust = accuracy(model, loader, device, attack)
-            results[split].update(robust_top1=robust["top1"], robust_top5=robust["top5"])
+            chosen = chosen_images(len(loader.loader.indices), attack_images)
+            subset = loader if len(chosen) == len(loader.loader.indices) else loader.subset(chosen)
+            robust = accuracy(model, subset, device, attack)
+            results[split].update(robust_top1=robust["top1"], robust_top5=robust["top5"],
+                                  robust_images=robust["images"])
+        if autoattack is not None and split in autoattack.splits:
+            robust = autoattack_top1(model, loader, autoattack, device, num_classes)
+            results[split].update(autoattack_top1=robust["top1"], autoattack_images=robust["images"])
     return results
 
 
@@ -75,8 +88,9 @@ def as_row(results: dict[str, dict]) -> dict:
     row = {}
     for split, m in results.items():
         row[f"{split}_top1"], row[f"{split}_top5"] = m["top1"], m["top5"]
-        if "robust_top1" in m:
-            row[f"{split}_robust_top1"] = m["robust_top1"]
+        for key in ("robust_top1", "autoattack_top1"):
+            if key in m:
+                row[f"{split}_{key}"] = m[key]
     return row
 
 
@@ -101,15 +115,24 @@ def check_data_fits(info: dict, weights: str | os.PathLike, data_dir: str | os.P
 
 
 def eval_command(weights: Path, data_dir: Path, *, crop: int | None, resize: int | None, batch_size: int,
-                 device: torch.device, workers: int = 0, attack: AdversarialConfig | None = None) -> dict:
-    """``fasttricks eval``: with only ``crop`` given, resize keeps the model's crop/resize ratio."""
+                 device: torch.device, workers: int = 0,
+                 attack: AdversarialConfig | AutoAttackConfig | None = None, attack_images: int | None = None) -> dict:
+    """``fasttricks eval``: with only ``crop`` given, resize keeps the model's crop/resize ratio.
+    ``attack``: PGD or AutoAttack, on a seeded subset of ``attack_images`` per split when given."""
     model, info = load_classifier(weights, device)
     check_data_fits(info, weights, data_dir)
     crop = crop or info["val_crop"]
     resize = resize or round(crop * info["val_resize"] / info["val_crop"])
     loaders = val_loaders(data_dir, resize=resize, crop=crop, batch_size=batch_size, device=device, workers=workers)
-    results = evaluate_splits(model, loaders, device, attack)
+    auto = None
+    if isinstance(attack, AutoAttackConfig):  # every split present, as for PGD
+        auto = attack.model_copy(update={"images": attack_images, "splits": list(loaders)})
+    pgd_attack = attack if isinstance(attack, AdversarialConfig) else None
+    results = evaluate_splits(model, loaders, device, pgd_attack, auto, num_classes=info["num_classes"],
+                              attack_images=attack_images)
     report = {"weights": str(weights), "resize": resize, "crop": crop, **results}
-    if attack is not None:
+    if auto is not None:
+        report["attack"] = describe_autoattack(auto)
+    elif attack is not None:
         report["attack"] = attack.model_dump()
     return report

@@ -12,7 +12,7 @@ from fasttricks import recipes
 from fasttricks.adversarial import describe_eps
 from fasttricks.data.classes import checked_manifests
 from fasttricks.data.loader import beton_paths
-from fasttricks.recipes import Recipe, StageConfig
+from fasttricks.recipes import AdversarialConfig, Recipe, StageConfig
 from fasttricks.schedules import resolution_at
 
 
@@ -32,6 +32,11 @@ def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> lis
     attack = recipe.evaluation.attack
     if attack is not None:
         lines.append(f"final evaluation: robust top-1 under {attack.norm} {describe_eps(attack)}, PGD-{attack.steps}")
+    auto = recipe.evaluation.autoattack
+    if auto is not None:
+        eps = describe_eps(AdversarialConfig(norm=auto.norm, eps=auto.eps))
+        lines.append(f"final evaluation: robust top-1 under AutoAttack ({auto.version}), {auto.norm} {eps}, on "
+                     f"{auto.images or 'every'} image(s) of {', '.join(auto.splits)}")
     for split, path in beton_paths(data_dir).items():
         lines.append(f"data {split}: {path} ({manifests[split]['images']} images, "
                      f"{len(manifests[split]['classes'])} classes)")

@@ -531,11 +531,34 @@ class FixResConfig(Strict):
         return metric
 
 
+class AutoAttackConfig(Strict):
+    """The final model's robust accuracy under AutoAttack (fasttricks/autoattack.py), beside PGD's."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Fraction = Field(4 / 255, gt=0, description="radius in [0, 1] pixel units; '4/255' accepted")
+    images: int | None = Field(None, ge=1, description="a seeded subset of this many images per split "
+                               "(RobustBench reports 1,000 or 5,000 of ImageNet's val); None: every image")
+    version: Literal["standard"] = Field("standard", description="torchattacks' standard AutoAttack: APGD-CE, "
+                                         "APGD-T, FAB-T, Square")
+    splits: list[Literal["val", "val_clutter"]] = Field(["val"], min_length=1, description="the splits attacked "
+                                                         "(RobustBench: ImageNet's val)")
+
+    @model_validator(mode="after")
+    def _installed(self):
+        # checked with the recipe, before hours of training end in a missing package
+        if importlib.util.find_spec("torchattacks") is None:
+            raise ValueError("AutoAttack needs the torchattacks package: pip install --no-deps torchattacks==3.5.1 "
+                             "(--no-deps: its requests~=2.25 pin is for downloads it never imports)")
+        return self
+
+
 class EvaluationConfig(Strict):
     every: int = Field(1, ge=1, description="evaluate every K epochs; a stage's last epoch, its averaged model "
                        "and the final model are always evaluated")
     attack: AdversarialConfig | None = Field(None, description="robust accuracy of the final model under this "
                                              "PGD attack (fp32); None: clean only")
+    autoattack: AutoAttackConfig | None = Field(None, description="also robust accuracy of the final model under "
+                                                "AutoAttack (needs torchattacks); None: not run")
 
 
 class LoggingConfig(Strict):
@@ -725,7 +748,7 @@ SIZE_KEYS = ("model.arch", "model.pretrained", "model.compile", "data.workers", 
              "data.val_batch_size", "data.pixel_scale", "data.order", "data.os_cache", "stages.*.epochs",
              "stages.*.batch_size", "stages.*.resolution", "stages.*.schedule.warmup_epochs",
              "stages.*.average.bn_batches", "fixres.sizes", "fixres.finetune.steps", "fixres.finetune.batch_size",
-             "evaluation.every", "logging")
+             "evaluation.every", "evaluation.autoattack.images", "stages.*.adversarial.guard.images", "logging")
 
 
 def is_size_key(key: str) -> bool:
@@ -835,6 +858,19 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str | os.PathLi
     return apply_overrides(read_recipe_tree(name_or_path), overrides, sets, source=str(name_or_path), own=own)
 
 
+def read_override(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """An override file, merged over the override its ``base:`` names (relative to the file), if any."""
+    raw = _read_yaml(path)
+    if "base" not in raw:
+        return raw
+    base = (path.parent / raw["base"]).resolve()
+    if not base.is_file():
+        raise RecipeError(f"{path}: base: {raw['base']} does not exist ({base})")
+    if base in seen:
+        raise RecipeError(f"{path}: base: {raw['base']} is a loop")
+    return merge(read_override(base, (*seen, path.resolve())), {k: v for k, v in raw.items() if k != "base"})
+
+
 def apply_overrides(data: dict, overrides: list[str | os.PathLike] = (), sets: list[str] = (), *,
                     source: str = "recipe", own: list[tuple[Path, dict]] = ()) -> Recipe:
     """A raw recipe with ``overrides`` files merged over it, then the experiment keys of ``own``
@@ -843,7 +879,7 @@ def apply_overrides(data: dict, overrides: list[str | os.PathLike] = (), sets: l
     notes, start = [], data
     paths = [recipe_path(file, what="override file") for file in overrides]
     for path in paths:
-        data = merge(data, _read_yaml(path))
+        data = merge(data, read_override(path))
     for file, raw in own:
         before, data = data, merge(data, experiment_part({k: v for k, v in raw.items() if k != "base"}))
         kept = leaf_changes(before, data)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-AUGMENT, ATTACK, EVAL_ATTACK = 1, 2, 3  # stream ids: augmentation/mixing, PGD random start, robust evaluation
+AUGMENT, ATTACK, EVAL_ATTACK, AUTOATTACK = 1, 2, 3, 4  # stream ids: augmentation/mixing, PGD random start,
+# robust evaluation, AutoAttack's chunks
 
 
 def stream_seed(seed: int, epoch: int, step: int, stream: int, rank: int = 0) -> int:

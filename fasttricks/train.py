@@ -27,6 +27,7 @@ from fasttricks.adversarial import attack_generator, describe_eps, pgd
 from fasttricks.augment import stage_augmentation
 from fasttricks.augment.heavy import seeded, step_seed
 from fasttricks.augment.mixing import mix
+from fasttricks.autoattack import describe as describe_autoattack
 from fasttricks.averaging import average_files, calibration_batches, recalibrate_batch_norm
 from fasttricks.checkpoint import (
     Position,
@@ -319,9 +320,11 @@ def _guard_says_collapse(run: Run, s: int, stage: StageConfig, epoch: int, row: 
     adv = stage.adversarial
     if adv is None or adv.guard is None:
         return False
+    tic = time.perf_counter()
     robust = guard.robust_top1(run.model, run.train_beton, adv, run.recipe.data, device=run.device,
                                seed=run.recipe.seed, distributed=dist_info()[1] > 1)
-    row["guard_robust_top1"] = round(100 * robust, 2)
+    # the guard's cost is the method's cost: a robust stage's time is its epochs' plus this
+    row["guard_robust_top1"], row["guard_seconds"] = round(100 * robust, 2), round(time.perf_counter() - tic, 2)
     state = guard.state_for(run.info, s)
     if run.is_main and run.show_progress:
         best = "" if state["best"] is None else f" (best so far {100 * state['best']:.1f}%)"
@@ -347,7 +350,8 @@ def _fall_back(run: Run, s: int, stage: StageConfig, epoch: int, optimizer, ema,
     fallback = adv.fallback()
     event = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "guard": "collapse",
              "guard_robust_top1": row["guard_robust_top1"], "guard_best": round(100 * state["best"], 2),
-             "rolled_back_to": path.name, "fallback": f"pgd-{fallback.steps}"}
+             "rolled_back_to": path.name, "fallback": f"pgd-{fallback.steps}",
+             "seconds": row["seconds"], "guard_seconds": row["guard_seconds"]}  # the discarded epoch's cost
     if run.is_main:
         runs.append_metrics(run.out, event)
         console.print(f"[yellow]{stage.name} epoch {epoch + 1}: robust top-1 on the guard's images fell to "
@@ -648,10 +652,10 @@ def _finish(run: Run, seconds: float) -> dict:
         summary.update(_fixres(run))
     if any(g.get("fell_back_at_epoch") for g in run.info.get("guard", {}).values()):
         summary["guard"] = run.info["guard"]  # a stage fell back to PGD after a collapse
-    attack = run.recipe.evaluation.attack
+    evaluation = run.recipe.evaluation
     summary["metrics_at"] = {"resize": data.val_resize, "crop": data.val_crop}  # where val_* were measured
-    if run.recipe.fixres is not None or attack is not None:
-        summary.update(_final_accuracy(run, summary["test_resize"], summary["test_crop"], attack))
+    if run.recipe.fixres is not None or evaluation.attack is not None or evaluation.autoattack is not None:
+        summary.update(_final_accuracy(run, summary["test_resize"], summary["test_crop"]))
         summary["metrics_at"] = {"resize": summary["test_resize"], "crop": summary["test_crop"]}
     if run.is_main:
         with kept_on_write_fault(run.out):
@@ -679,12 +683,19 @@ def _fixres(run: Run) -> dict:
     return fixres.summary_fields(chosen)
 
 
-def _final_accuracy(run: Run, resize: int, crop: int, attack) -> dict:
+def _final_accuracy(run: Run, resize: int, crop: int) -> dict:
+    """Clean accuracy at the test size, and robust accuracy under the recipe's PGD and AutoAttack."""
+    attack, auto = run.recipe.evaluation.attack, run.recipe.evaluation.autoattack
     for loader in run.val_loaders.values():
         loader.set_size(resize, crop)
-    out = as_row(evaluate_splits(run.model, run.val_loaders, run.device, attack))
+    results = evaluate_splits(run.model, run.val_loaders, run.device, attack, auto, num_classes=run.info["num_classes"])
+    out = as_row(results)
     if attack is not None:
         out["robust_attack"] = f"{attack.norm}:{describe_eps(attack)}:{attack.steps}"
+    if auto is not None:
+        out["autoattack"] = {**describe_autoattack(auto),
+                             "images": {split: m["autoattack_images"] for split, m in results.items()
+                                        if "autoattack_images" in m}}
     return out
 
 

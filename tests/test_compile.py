@@ -117,3 +117,28 @@ def test_cuda_compiled_training_step_matches_eager_within_bf16_tolerance():
         losses.append(training_step(step_model, x, y, optimizer, nn.CrossEntropyLoss(), stage,
                                     generator=torch.Generator("cuda").manual_seed(0)))
     torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=2e-2)  # bf16 autocast both ways
+
+
+def test_compiled_n_fgsm_equals_eager_takes_the_input_gradient_only_and_never_recompiles_for_eps():
+    """N-FGSM under torch.compile: the example eager gives, one gradient (the input's) out of its
+    backward graph, and no new graph for another ε (ε, α and the noise width are tensors)."""
+    torch._dynamo.reset()
+    backward_outputs = []
+
+    def record_backward(gm, _):
+        backward_outputs.append(sum(1 for n in gm.graph.find_nodes(op="output") for o in n.args[0] if o is not None))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=record_backward)
+    model = _model()
+    compiled = torch.compile(model, backend=backend)
+    x, y = _batch()
+    cfg = AdversarialConfig(method="n_fgsm", eps=8 / 255)
+    eager = pgd(model, x, y, cfg, generator=torch.Generator().manual_seed(0))
+    ours = pgd(compiled, x, y, cfg, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, eager)
+    assert not torch.equal(ours, x) and backward_outputs == [1]
+    assert all(p.grad is None for p in model.parameters())
+    graphs = _graphs()
+    pgd(compiled, x, y, AdversarialConfig(method="n_fgsm", eps=2 / 255), generator=torch.Generator().manual_seed(1))
+    assert _graphs() == graphs and backward_outputs == [1]

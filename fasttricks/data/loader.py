@@ -173,6 +173,12 @@ class ValLoader:
         """A loader of the same split and settings over ``indices`` only (FixRes' held-out halves)."""
         return ValLoader(self.beton, resize=self.decoder.resize, crop=self.decoder.crop, indices=indices, **self._args)
 
+    def single_process(self, indices: np.ndarray, batch_size: int) -> ValLoader:
+        """A loader of the same split and size over ``indices`` in this process alone, in batches
+        of ``batch_size`` (AutoAttack's chunks, which it deals to ranks itself)."""
+        args = {**self._args, "distributed": False, "batch_size": batch_size}
+        return ValLoader(self.beton, resize=self.decoder.resize, crop=self.decoder.crop, indices=indices, **args)
+
     def sample_indices(self) -> np.ndarray:
         """The split's indices of this process's images, in the order its batches hold them."""
         return np.asarray(self.loader.traversal_order.sample_order(0))
