@@ -38,7 +38,8 @@ def run(eps: str, step: float, random_start: bool, guarded: bool, out: Path) -> 
     guard = "{images: 256}" if guarded else "{images: 256, drop: 1.0}"
     attack = (f"stages.0.adversarial={{method: pgd, eps: {eps_value!r}, steps: 1, step_size: {step * eps_value!r}, "
               f"random_start: {str(random_start).lower()}, guard: {guard}}}")
-    evaluation = f"evaluation={{attack: {{eps: {eps_value!r}, step_size: {eps_value / 4!r}, steps: 10}}, autoattack: null}}"
+    evaluation = (f"evaluation={{attack: {{eps: {eps_value!r}, step_size: {eps_value / 4!r}, steps: 10}}, "
+                  "autoattack: null}")
     recipe = load_recipe("fast-at/2-fgsm-rs", [PIPELINES / "overrides" / "toy-fast-at.yaml"], [attack, evaluation])
     summary = train(recipe, resolve_data("toy"), out, show_progress=False)
     rows = read_metrics(out)

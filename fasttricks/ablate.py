@@ -154,7 +154,8 @@ def robust_stage_time(run_dir: Path) -> dict[str, float]:
     if not rows:
         return {}
     guard = sum(r.get("guard_seconds", 0.0) for r in rows)
-    return {"robust_seconds": sum(r.get("seconds", 0.0) for r in rows) + guard,
+    trained = sum(r.get("seconds", 0.0) + r.get("discarded_seconds", 0.0) for r in rows)
+    return {"robust_seconds": trained + guard,
             **({"guard_seconds": guard} if any("guard_seconds" in r for r in rows) else {})}
 
 

@@ -351,7 +351,8 @@ def _fall_back(run: Run, s: int, stage: StageConfig, epoch: int, optimizer, ema,
     event = {"stage": stage.name, "stage_index": s, "epoch": epoch + 1, "guard": "collapse",
              "guard_robust_top1": row["guard_robust_top1"], "guard_best": round(100 * state["best"], 2),
              "rolled_back_to": path.name, "fallback": f"pgd-{fallback.steps}",
-             "seconds": row["seconds"], "guard_seconds": row["guard_seconds"]}  # the discarded epoch's cost
+             # the discarded epoch's cost (not "seconds": the ETA and the plots read those as an epoch's)
+             "discarded_seconds": row["seconds"], "guard_seconds": row["guard_seconds"]}
     if run.is_main:
         runs.append_metrics(run.out, event)
         console.print(f"[yellow]{stage.name} epoch {epoch + 1}: robust top-1 on the guard's images fell to "

@@ -29,6 +29,20 @@ def _batch(n=4, res=32, seed=0):
     return torch.rand(n, 3, res, res, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+def _recording_backend():
+    """An AOTAutograd backend (after a dynamo reset) and the list it fills: for each backward graph
+    it compiles, how many gradients the graph returns."""
+    torch._dynamo.reset()
+    backward_outputs = []
+
+    def record_backward(gm, _):
+        backward_outputs.append(sum(1 for n in gm.graph.find_nodes(op="output") for o in n.args[0] if o is not None))
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=record_backward), \
+        backward_outputs
+
+
 def _graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -42,14 +56,7 @@ def test_compile_is_on_by_default_on_cuda_only_and_a_recipe_can_force_it():
 def test_compiled_attack_backward_computes_the_input_gradient_only():
     """The backward graphs AOTAutograd compiles during the attack return one gradient (the
     input's); the training step's backward returns the weights' too."""
-    torch._dynamo.reset()
-    backward_outputs = []
-
-    def record_backward(gm, _):
-        backward_outputs.append(sum(1 for n in gm.graph.find_nodes(op="output") for o in n.args[0] if o is not None))
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=record_backward)
+    backend, backward_outputs = _recording_backend()
     model = _model()
     compiled = torch.compile(model, backend=backend)
     x, y = _batch()
@@ -122,14 +129,7 @@ def test_cuda_compiled_training_step_matches_eager_within_bf16_tolerance():
 def test_compiled_n_fgsm_equals_eager_takes_the_input_gradient_only_and_never_recompiles_for_eps():
     """N-FGSM under torch.compile: the example eager gives, one gradient (the input's) out of its
     backward graph, and no new graph for another ε (ε, α and the noise width are tensors)."""
-    torch._dynamo.reset()
-    backward_outputs = []
-
-    def record_backward(gm, _):
-        backward_outputs.append(sum(1 for n in gm.graph.find_nodes(op="output") for o in n.args[0] if o is not None))
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=record_backward)
+    backend, backward_outputs = _recording_backend()
     model = _model()
     compiled = torch.compile(model, backend=backend)
     x, y = _batch()

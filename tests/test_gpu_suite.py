@@ -14,7 +14,8 @@ def test_the_table_compares_each_figure_with_its_goal_and_never_passes_a_missing
     figures = {
         "train step": {"results": [{"row": "behaviour", "saturation": 0.96},
                                    {"row": "compile", "images_per_s_compiled": 812.5},
-                                   {"row": "projection", "hours": 9.4}]},
+                                   {"row": "projection", "recipe": "winner", "hours": 9.4},
+                                   {"row": "projection", "recipe": "winner-fast", "hours": 7.3}]},
         "augmentation": {"images_per_s_batched_compiled": None},
     }
     status = [{"part": "train step", "rc": 0, "seconds": 200.0}, {"part": "augmentation", "rc": "timeout",
@@ -24,6 +25,7 @@ def test_the_table_compares_each_figure_with_its_goal_and_never_passes_a_missing
     assert rows["behaviour-stage saturation with augmentation"].endswith("| 0.96 | yes |")
     assert rows["PGD-3 EfficientNet-B1 at 240, compiled (img/s)"].endswith("| 812.5 | no |")
     assert rows["projected winner recipe on ImageNet (h)"].endswith("| 9.4 | yes |")  # a ceiling: ≤ 10
+    assert rows["projected winner-fast recipe on ImageNet (h)"].endswith("| 7.3 | no |")  # each recipe's own row
     assert rows["heavy aug + F-CutMix at 224, compiled (img/s)"].endswith("| not measured | – |")
     assert "| augmentation | timeout | 75.0 |" in md and "NVIDIA H100 80GB HBM3" in md
 

@@ -45,6 +45,7 @@ def test_a_collapse_rolls_back_to_the_previous_epoch_and_continues_with_pgd(toy_
     event = rows[2]
     assert event["guard_robust_top1"] == 10.0 and event["guard_best"] == 60.0
     assert event["rolled_back_to"] == "s0-e002" and event["fallback"] == "pgd-3"
+    assert event["discarded_seconds"] > 0 and "seconds" not in event  # its cost, apart from the epochs' times
     assert summary["guard"]["0"]["fell_back_at_epoch"] == 3
     steps_per_epoch = rows[0]["steps"]
     # epochs 1-3 with N-FGSM (the third thrown away), then epochs 3-4 again with PGD-3
