@@ -130,7 +130,8 @@ def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=()
             recipe, run_dir = planned[file][k]
             console.rule(f"[bold]{i}/{len(files)} {file.stem}" + (f" · {run_dir.name}" if seeds > 1 else ""))
             summary = run_one(recipe, Path(data_dir), run_dir, device)
-            summaries[file].append({**summary, **_final_scores(run_dir, loaded), **robust_stage_time(run_dir)})
+            summaries[file].append({**summary, **_final_scores(run_dir, loaded),
+                                    **robust_stage_time(run_dir, recipe)})
     rows = [_row(file.stem, planned[file][0][0], summaries[file]) for file in files]
     if seeds > 1:
         _add_differences(rows)
@@ -143,12 +144,11 @@ def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=()
     return result
 
 
-def robust_stage_time(run_dir: Path) -> dict[str, float]:
+def robust_stage_time(run_dir: Path, recipe: Recipe) -> dict[str, float]:
     """``robust_seconds``: the seconds the run's adversarial stages took to train, their guard's
     measurements and any epoch a collapse discarded included (from metrics.jsonl); empty when the
     run has no adversarial stage. Evaluation and checkpointing are left out: they do not depend on
     the training attack."""
-    recipe = recipes.validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     adversarial = {i for i, s in enumerate(recipe.stages) if s.adversarial is not None}
     rows = [r for r in runs.read_metrics(run_dir) if r.get("stage_index") in adversarial]
     if not rows:
@@ -182,14 +182,14 @@ def _runs(files: list[Path], out: Path, overrides, sets, seeds: int,
           toy: bool = False) -> dict[Path, list[tuple[Recipe, Path]]]:
     """Each file's (recipe, run folder) pairs: one with the recipe's own seed, or one per seed."""
     variants = [([], "")] if seeds == 1 else [([f"seed={k}"], f"seed-{k}") for k in range(seeds)]
-    planned = {}
+    planned, used = {}, set()
     for f in files:
         row_overrides = overrides or ([recipes.toy_override(recipes.load_recipe(f))] if toy else [])
+        used.update(str(o) for o in row_overrides)
         planned[f] = [(recipes.load_recipe(f, row_overrides, [*sets, *extra]), out / f.stem / sub)
                       for extra, sub in variants]
     if toy and not overrides:
-        used = sorted({str(recipes.toy_override(recipes.load_recipe(f))) for f in files})
-        console.print(f"--data toy: each row with its recipe's toy override ({', '.join(used)}; "
+        console.print(f"--data toy: each row with its recipe's toy override ({', '.join(sorted(used))}; "
                       "--no-toy-settings trains the recipes as written)", soft_wrap=True)
     return planned
 
@@ -218,9 +218,7 @@ def _add_differences(rows: list[dict]) -> None:
         for k, values in row["per_seed"].items():
             if k not in first or k in (TIME, GUARD):
                 continue
-            diffs = [v - f for v, f in zip(values, first[k], strict=True)]
-            row["vs_first"][k] = {"mean": statistics.fmean(diffs),
-                                  "se": statistics.stdev(diffs) / len(diffs) ** 0.5}
+            row["vs_first"][k] = _mean_se([v - f for v, f in zip(values, first[k], strict=True)])
 
 
 def _add_time_ratios(rows: list[dict], summaries: list[list[dict]]) -> None:
