@@ -29,7 +29,14 @@ import torch
 
 from fasttricks.augment.heavy import OPS, HeavyAugmentation, seeded
 from fasttricks.augment.mixing import mix
-from fasttricks.recipes import AdversarialConfig, AugmentConfig, MixingConfig, ModelConfig, OptimizerConfig, StageConfig
+from fasttricks.recipes import (
+    AdversarialConfig,
+    AugmentConfig,
+    MixingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    StageConfig,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag, timed  # noqa: E402
@@ -164,8 +171,8 @@ def _per_op(batch: torch.Tensor, device: torch.device, repeats: int) -> dict:
 
 
 def _share_of_pgd3_step(args, device, ours) -> dict:
-    from fasttricks.models import create_model
-    from fasttricks.train import create_optimizer, training_step
+    from fasttricks.models.factory import create_model
+    from fasttricks.training.step import create_optimizer, training_step
 
     torch.backends.cudnn.benchmark = True
     model = create_model(ModelConfig(arch="efficientnet_b1"), 1000).to(device).to(memory_format=torch.channels_last)

@@ -23,8 +23,8 @@ from pathlib import Path
 from fasttricks.atomic import write_json
 from fasttricks.data.sources import resolve_data
 from fasttricks.recipes import PIPELINES, load_recipe
-from fasttricks.runs import read_metrics
-from fasttricks.train import train
+from fasttricks.runs.folder import read_metrics
+from fasttricks.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fasttricks.data.toy import CLASSES, ToyOptions, render
-from fasttricks.runs import environment
+from fasttricks.runs.folder import environment
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from fasttricks.recipes import load_recipe
-from fasttricks.schedules import resolution_at
+from fasttricks.recipes.schedules import resolution_at
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS  # noqa: E402

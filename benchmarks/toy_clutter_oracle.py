@@ -25,7 +25,7 @@ from fasttricks.data.beton import BetonOptions, build_beton
 from fasttricks.data.sources import ensure_toy_data
 from fasttricks.data.toy import CLASSES, ToyOptions, render
 from fasttricks.recipes import PIPELINES, load_recipe
-from fasttricks.train import train
+from fasttricks.training.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag  # noqa: E402

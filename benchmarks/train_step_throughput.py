@@ -40,15 +40,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasttricks import freezing
+from fasttricks.augment import augment_and_mix
 from fasttricks.augment.heavy import HeavyAugmentation, seeded
 from fasttricks.data.beton import BetonOptions, build_beton
 from fasttricks.data.loader import TrainLoader
-from fasttricks.devices import compile_enabled
-from fasttricks.models import create_model
+from fasttricks.models import freezing
+from fasttricks.models.factory import create_model
 from fasttricks.recipes import AdversarialConfig, ModelConfig, OptimizerConfig, StageConfig, load_recipe
-from fasttricks.schedules import resolution_at
-from fasttricks.train import augment_and_mix, create_optimizer, training_step
+from fasttricks.recipes.schedules import resolution_at
+from fasttricks.runtime.devices import compile_enabled
+from fasttricks.training.step import create_optimizer, training_step
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag, make_jpeg_folder, timed  # noqa: E402

@@ -25,7 +25,7 @@ def friendly(fn):
     SIGTERM or SIGUSR1 (a scheduler's): its message and exit 75 (saved, to be resumed)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from fasttricks.train import Interrupted
+        from fasttricks.training.interrupts import Interrupted
 
         try:
             return fn(*args, **kwargs)
@@ -132,8 +132,8 @@ def verify_beton_cmd(
 ):
     """Check every image of a beton against the checksum its manifest recorded when it was built;
     exit 2 naming the damaged images. `train` checks a seeded sample of 1,024 per beton by itself."""
-    from fasttricks.data.beton import BuildError, read_manifest
     from fasttricks.data.checksums import damaged, describe
+    from fasttricks.data.manifest import BuildError, read_manifest
     from fasttricks.errors import InputMissing
 
     betons = sorted(target.glob("*.beton")) if target.is_dir() else [target]
@@ -193,9 +193,9 @@ def train(
     exit 75 (Slurm: the job is requeued), Ctrl-C saves and exits 130; --resume continues."""
     import torch
 
-    from fasttricks.distributed import dist_info, process_group
-    from fasttricks.runs import recipe_for_train
-    from fasttricks.train import train as run_training
+    from fasttricks.runs.folder import recipe_for_train
+    from fasttricks.runtime.distributed import dist_info, process_group
+    from fasttricks.training.loop import train as run_training
 
     if stop_after is not None and stop_after < 1:
         raise InputError(f"--stop-after must be at least 1 epoch, not {stop_after}; to check a recipe and its data "
@@ -204,7 +204,7 @@ def train(
                               toy=(data or "toy") == "toy" and toy_settings)
     data_dir = _train_data(data, out, resume)
     if dry_run:
-        from fasttricks.plan import describe_plan
+        from fasttricks.training.plan import describe_plan
 
         for line in [*r.notes(), *describe_plan(r, data_dir, out)]:
             print(line)
@@ -219,7 +219,7 @@ def train(
 def _train_data(data: str | None, out: Path, resume: bool) -> Path:
     """The data folder of a train command: --data, else with --resume the run's own, else the toy set."""
     from fasttricks.data.sources import resolve_data
-    from fasttricks.runs import data_for_resume
+    from fasttricks.runs.folder import data_for_resume
 
     if not resume:
         return resolve_data(data or "toy")
@@ -262,8 +262,8 @@ def show_augs(
 
     from fasttricks.augment.preview import augment_grid
     from fasttricks.data.sources import resolve_data
-    from fasttricks.devices import default_device
     from fasttricks.recipes import load_recipe
+    from fasttricks.runtime.devices import default_device
 
     r = load_recipe(recipe, override or [], set_ or [])
     path = augment_grid(r, resolve_data(data), out, stage=stage, n=n,
@@ -289,10 +289,10 @@ def eval_cmd(
     """Top-1 and top-5 accuracy on val (and val_clutter when present); robust top-1 with --attack."""
     import torch
 
-    from fasttricks.adversarial import parse_attack
     from fasttricks.data.sources import resolve_data
-    from fasttricks.devices import default_device
-    from fasttricks.evaluate import eval_command
+    from fasttricks.evaluation.evaluate import eval_command
+    from fasttricks.robust.pgd import parse_attack
+    from fasttricks.runtime.devices import default_device
 
     threat = parse_attack(attack) if attack else None
     if attack_images is not None and threat is None:
@@ -327,9 +327,9 @@ def average(
     """Uniform average of checkpoints; with --data, batch-norm statistics recomputed (frozen ones kept)."""
     import torch
 
-    from fasttricks.averaging import average_command
     from fasttricks.data.sources import resolve_data
-    from fasttricks.devices import default_device
+    from fasttricks.models.averaging import average_command
+    from fasttricks.runtime.devices import default_device
 
     report = average_command(checkpoints, out, data_dir=resolve_data(data) if data else None,
                              bn_batches=bn_batches, batch_size=batch_size, overwrite=overwrite,
@@ -381,8 +381,8 @@ def fixres_cmd(
     import torch
 
     from fasttricks.data.sources import resolve_data
-    from fasttricks.devices import default_device
-    from fasttricks.fixres import benchmark_of, fixres_command
+    from fasttricks.evaluation.fixres import benchmark_of, fixres_command
+    from fasttricks.runtime.devices import default_device
 
     try:
         benchmark_of(metric)
@@ -415,8 +415,8 @@ def ablate(
     OUT/ablation.md and OUT/ablation.json."""
     import torch
 
-    from fasttricks.ablate import ablate as run_ablation
     from fasttricks.data.sources import resolve_data
+    from fasttricks.training.ablate import ablate as run_ablation
 
     out = out or Path("runs") / f"ablate-{folder.name}"
     run_ablation(folder, resolve_data(data), out, overrides=override or [], sets=set_ or [],
@@ -434,8 +434,8 @@ def plot(
 ):
     """One PNG of the curves across stages: train loss, lr, resolution, val and val_clutter top-1,
     robust top-1 (final model), images/s."""
-    from fasttricks.plots import CURVES_NAME
-    from fasttricks.plots import plot as plot_runs
+    from fasttricks.runs.plots import CURVES_NAME
+    from fasttricks.runs.plots import plot as plot_runs
 
     console.print(f"wrote {plot_runs(runs, out or runs[0] / CURVES_NAME)}")
 
@@ -449,7 +449,7 @@ def status(
     """Where a run stands: stage, epoch and step, images/s, the ETA of the stage and the run (from the
     recipe's schedule and the measured time per epoch at each resolution), the last metrics, and
     whether a process is still writing it."""
-    from fasttricks.status import describe, run_status
+    from fasttricks.runs.status import describe, run_status
 
     result = run_status(run)
     if as_json:

@@ -11,6 +11,7 @@ os.environ["RESULTCACHING_HOME"] = tempfile.mkdtemp(prefix="fasttricks-tests-res
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from toy_runs import small_winner  # noqa: E402
 
 from fasttricks.data.sources import ensure_toy_data  # noqa: E402
 from fasttricks.data.toy import ToyOptions  # noqa: E402
@@ -39,6 +40,15 @@ def toy_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_data_learning(tmp_path_factory):
     return ensure_toy_data(LEARNING_TOY, root=tmp_path_factory.mktemp("cache"), show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def winner_run(toy_data, tmp_path_factory):
+    """The small winner trained once for the session, uninterrupted: (run folder, summary)."""
+    from fasttricks.training.loop import train
+
+    out = tmp_path_factory.mktemp("runs") / "winner"
+    return out, train(small_winner(), toy_data, out, show_progress=False)
 
 
 @pytest.fixture(autouse=True)

@@ -35,8 +35,8 @@ def loader_order(rank: int, world: int, port: int, beton: str, out: str) -> None
 
 
 def _model_and_batch():
-    from fasttricks.freezing import first_half, freeze
-    from fasttricks.models import create_model
+    from fasttricks.models.factory import create_model
+    from fasttricks.models.freezing import first_half, freeze
     from fasttricks.recipes import ModelConfig
 
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def _stage():
 
 def reference_steps(out: str, steps: int = 3) -> None:
     """One process, the whole batch: the weights at the start and after each step."""
-    from fasttricks.train import create_optimizer, training_step
+    from fasttricks.training.step import create_optimizer, training_step
 
     model, images, labels = _model_and_batch()
     stage = _stage()
@@ -72,8 +72,8 @@ def reference_steps(out: str, steps: int = 3) -> None:
 def ddp_steps(rank: int, world: int, port: int, out: str, steps: int = 3) -> None:
     """Each rank its half of the batch, DDP, the attack on the unwrapped module: weights after each
     step, and how many gradient buckets were all-reduced in a plain step and in a PGD step."""
-    from fasttricks import distributed
-    from fasttricks.train import create_optimizer, training_step
+    from fasttricks.runtime import distributed
+    from fasttricks.training.step import create_optimizer, training_step
 
     _join(rank, world, port)
     try:
@@ -124,9 +124,9 @@ SAM_STAGE = {"batch_size": 8, "label_smoothing": 0.0,
 def sam_steps(rank: int, world: int, port: int, out: str) -> None:
     """One SAM step on each rank's half under DDP: the weights after it, and how many gradient
     buckets a SAM step and a plain step all-reduce."""
-    from fasttricks import distributed
     from fasttricks.recipes import StageConfig
-    from fasttricks.train import create_optimizer, training_step
+    from fasttricks.runtime import distributed
+    from fasttricks.training.step import create_optimizer, training_step
 
     _join(rank, world, port)
     try:
@@ -170,8 +170,8 @@ def calibrate(rank: int, world: int, port: int, beton: str, out: str) -> None:
 
 def calibrated_statistics(beton: str) -> tuple[dict, int]:
     """The recalibrated statistics of a seeded tiny model, and the batches this process forwarded."""
-    from fasttricks.averaging import calibration_batches, recalibrate_batch_norm
-    from fasttricks.models import create_model
+    from fasttricks.models.averaging import calibration_batches, recalibrate_batch_norm
+    from fasttricks.models.factory import create_model
     from fasttricks.recipes import ModelConfig
 
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def calibrated_statistics(beton: str) -> tuple[dict, int]:
 
 def step_modules(rank: int, world: int, port: int, out: str) -> None:
     """What distributed.step_module builds, compiled and eager, under two processes."""
-    from fasttricks import distributed
+    from fasttricks.runtime import distributed
 
     _join(rank, world, port)
     try:
@@ -205,8 +205,8 @@ def _toy_training(rank: int, world: int, port: int, data: str, out: str, fault, 
     """The toy baseline (2 epochs) on two gloo processes, each training step passed through
     ``fault(real_step, rank, calls)``; ``outcome(run)`` turns the training into what this rank writes
     to ``result`` (``{rank}`` in it)."""
-    from fasttricks import train as train_mod
     from fasttricks.recipes import PIPELINES, load_recipe
+    from fasttricks.training import loop as train_mod
 
     _join(rank, world, port)
     try:
@@ -231,7 +231,7 @@ def _nan_at_the_third_step_of_rank_one(real_step, rank, calls):
 
 
 def _what_it_raised(run, calls) -> str:
-    from fasttricks.train import TrainingDiverged
+    from fasttricks.training.interrupts import TrainingDiverged
 
     try:
         run()
@@ -257,7 +257,7 @@ def _sigterm_at_the_third_step_of_rank_one(real_step, rank, calls):
 
 
 def _how_it_stopped(run, calls) -> str:
-    from fasttricks.train import Interrupted
+    from fasttricks.training.interrupts import Interrupted
 
     try:
         run()
@@ -294,8 +294,8 @@ def pixel_classifier() -> torch.nn.Module:
 def sharded_accuracy(rank: int, world: int, port: int, data: str, out: str) -> None:
     """Each rank evaluates its shard of val and val_clutter; the all-reduced result, and how many
     images this rank's loader gave."""
-    from fasttricks.evaluate import evaluate_splits, val_loaders
-    from fasttricks.models import create_model
+    from fasttricks.evaluation.evaluate import evaluate_splits, val_loaders
+    from fasttricks.models.factory import create_model
     from fasttricks.recipes import ModelConfig
 
     global ROBUST_EVAL
@@ -338,9 +338,9 @@ def trained_readout(data: str) -> torch.nn.Module:
 def sharded_autoattack(rank: int, world: int, port: int, data: str, out: str) -> None:
     """AutoAttack's robust accuracy on val, chunks of 30 dealt over the ranks; the all-reduced
     result and how many images this rank attacked."""
-    from fasttricks import autoattack
-    from fasttricks.evaluate import val_loaders
+    from fasttricks.evaluation.evaluate import val_loaders
     from fasttricks.recipes import AutoAttackConfig
+    from fasttricks.robust import autoattack
 
     autoattack.CHUNK = 30
     model = trained_readout(data)  # before joining: the same weights on every rank, seeded

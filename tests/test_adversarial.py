@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from robustness.attack_steps import L2Step, LinfStep
 
-from fasttricks.adversarial import attack_generator, parse_attack, pgd
-from fasttricks.models import create_model
+from fasttricks.models.factory import create_model
 from fasttricks.recipes import AdversarialConfig, ModelConfig
+from fasttricks.robust.pgd import attack_generator, parse_attack, pgd
 
 LINF = AdversarialConfig(norm="linf", eps=8 / 255, step_size=2 / 255, steps=5)
 L2 = AdversarialConfig(norm="l2", eps=0.5, step_size=0.2, steps=5)
@@ -120,7 +120,7 @@ def test_bf16_attack_on_cuda_stays_in_the_ball_and_raises_the_loss(batch):
 
 
 def test_robust_evaluation_draws_its_random_starts_from_its_own_seed_not_the_global_rng(monkeypatch):
-    from fasttricks import evaluate
+    from fasttricks.evaluation import evaluate
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch="test_efficientnet"), 10).eval()
@@ -192,7 +192,7 @@ def test_n_fgsm_is_refused_where_it_is_not_defined():
 
 
 def test_the_models_mode_comes_back_even_when_the_attack_fails(batch, monkeypatch):
-    from fasttricks import adversarial
+    from fasttricks.robust import pgd as adversarial
 
     torch.manual_seed(0)
     net = create_model(ModelConfig(arch="test_efficientnet"), 10).train()

@@ -9,9 +9,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from fasttricks import syncguard
 from fasttricks.augment.augmix import OPS, AugMix, augmix, draw
 from fasttricks.recipes import AugMixConfig, RecipeError, validate
+from fasttricks.runtime import syncguard
 
 
 def images(b=6, h=40, w=48, seed=0):
@@ -132,7 +132,7 @@ def test_with_identical_views_the_jsd_loss_is_the_clean_cross_entropy():
     """train's criterion for augmix.jsd: cross-entropy on the clean third plus 12 x the JSD of the
     three predictions, which vanishes when the views agree with the clean batch."""
     from fasttricks.recipes import StageConfig
-    from fasttricks.train import _criterion
+    from fasttricks.training.step import criterion_for as _criterion
 
     stage = StageConfig(augmix={"jsd": True}, label_smoothing=0.1)
     logits, labels = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])

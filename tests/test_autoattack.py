@@ -15,13 +15,13 @@ import torch.multiprocessing as mp
 import torchattacks
 from typer.testing import CliRunner
 
-from fasttricks import autoattack
-from fasttricks.adversarial import parse_attack
 from fasttricks.cli import app
 from fasttricks.errors import InputError
-from fasttricks.evaluate import evaluate_splits, val_loaders
+from fasttricks.evaluation.evaluate import evaluate_splits, val_loaders
 from fasttricks.recipes import AdversarialConfig, AutoAttackConfig, RecipeError, load_recipe
-from fasttricks.seeding import AUTOATTACK, stream_seed
+from fasttricks.robust import autoattack
+from fasttricks.robust.pgd import parse_attack
+from fasttricks.runtime.seeding import AUTOATTACK, stream_seed
 
 CPU = torch.device("cpu")
 EPS = "2/255"
@@ -104,8 +104,8 @@ def test_parse_and_the_eval_command_record_attack_library_and_images(readout, to
 
 def _saved_model(tmp_path):
     """A tiny timm model saved as a run's final weights (random: the command's plumbing is tested)."""
-    from fasttricks.checkpoint import save_weights
-    from fasttricks.models import create_model
+    from fasttricks.models.factory import create_model
+    from fasttricks.models.weights import save_weights
     from fasttricks.recipes import ModelConfig
 
     torch.manual_seed(0)

@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-from fasttricks.averaging import average_files, average_state_dicts, recalibrate_batch_norm
-from fasttricks.checkpoint import read_info, save_weights
 from fasttricks.cli import app
-from fasttricks.models import WeightsError, create_model
+from fasttricks.models.averaging import average_files, average_state_dicts, recalibrate_batch_norm
+from fasttricks.models.factory import create_model
+from fasttricks.models.weights import WeightsError, read_info, save_weights
 from fasttricks.recipes import ModelConfig
 
 

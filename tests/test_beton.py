@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from fasttricks.cli import app
 from fasttricks.data import beton
-from fasttricks.data.beton import BetonOptions, BuildError, build_beton
+from fasttricks.data.beton import BetonOptions, build_beton
+from fasttricks.data.manifest import BuildError
 
 RAW = BetonOptions(write_mode="raw", workers=2)
 

@@ -16,11 +16,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fasttricks.brainscore.export import ExportError, export, identifier_for
-from fasttricks.checkpoint import save_weights, update_info
 from fasttricks.cli import app
 from fasttricks.data.beton import BetonOptions, build_beton
 from fasttricks.data.loader import ValLoader
-from fasttricks.models import create_model
+from fasttricks.models.factory import create_model
+from fasttricks.models.weights import save_weights, update_info
 from fasttricks.recipes import ModelConfig
 
 
@@ -289,7 +289,7 @@ def test_a_run_trained_again_is_not_scored_on_its_cached_activations(run, tmp_pa
     from fake_benchmarks import ReadoutBenchmark, stimulus_set
 
     from fasttricks.brainscore.local import score
-    from fasttricks.checkpoint import read_info
+    from fasttricks.models.weights import read_info
 
     bench = ReadoutBenchmark(stimulus_set(tmp_path / "stimuli", f"fake.readout.{tmp_path.name}"))
     monkeypatch.setattr(brainscore_vision, "load_benchmark", lambda name: bench)

@@ -10,9 +10,10 @@ from test_beton import RAW, _folder, _read_all
 from typer.testing import CliRunner
 
 from fasttricks.cli import app
-from fasttricks.data.beton import BetonOptions, BuildError, build_beton
+from fasttricks.data.beton import BetonOptions, build_beton
 from fasttricks.data.classes import ClassListError, data_classes
 from fasttricks.data.crops import CentreCropDecoder
+from fasttricks.data.manifest import BuildError
 
 
 def _betons(root, val_classes, classes_from=True):
@@ -60,8 +61,8 @@ def test_the_parent_folder_of_the_splits_is_refused_with_the_right_folder(tmp_pa
 
 
 def test_a_model_is_not_evaluated_on_data_of_other_classes(toy_data, tmp_path):
-    from fasttricks.checkpoint import save_weights
-    from fasttricks.models import create_model
+    from fasttricks.models.factory import create_model
+    from fasttricks.models.weights import save_weights
     from fasttricks.recipes import ModelConfig
 
     net = create_model(ModelConfig(arch="test_efficientnet"), 3).net

@@ -9,11 +9,11 @@ from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
-from fasttricks.adversarial import pgd
-from fasttricks.devices import compile_enabled
-from fasttricks.models import create_model
+from fasttricks.models.factory import create_model
 from fasttricks.recipes import AdversarialConfig, ModelConfig, OptimizerConfig, StageConfig, load_recipe
-from fasttricks.train import create_optimizer, training_step
+from fasttricks.robust.pgd import pgd
+from fasttricks.runtime.devices import compile_enabled
+from fasttricks.training.step import create_optimizer, training_step
 
 CPU = torch.device("cpu")
 ATTACK = AdversarialConfig(eps=8 / 255, step_size=2 / 255, steps=2)

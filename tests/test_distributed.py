@@ -175,8 +175,8 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_rank_zero_
 
 
 def test_sharded_evaluation_on_two_ranks_gives_the_numbers_of_one_process(toy_data, tmp_path):
-    from fasttricks.evaluate import evaluate_splits, val_loaders
-    from fasttricks.models import create_model
+    from fasttricks.evaluation.evaluate import evaluate_splits, val_loaders
+    from fasttricks.models.factory import create_model
     from fasttricks.recipes import ModelConfig
 
     mp.spawn(ddp_workers.sharded_accuracy, args=(2, _free_port(), str(toy_data), str(tmp_path)), nprocs=2)

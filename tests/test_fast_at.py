@@ -9,9 +9,10 @@ import json
 
 import pytest
 
-from fasttricks import autoattack, runs
-from fasttricks.ablate import _runs, ablate, recipe_files
 from fasttricks.recipes import PIPELINES, RecipeError, load_recipe
+from fasttricks.robust import autoattack
+from fasttricks.runs import folder as run_folder
+from fasttricks.training.ablate import _runs, ablate, recipe_files
 
 SIZES = ["start=scratch", "model.arch=test_efficientnet", "data.val_resize=48", "data.val_crop=40",
          "data.val_batch_size=200", "stages.0.epochs=2", "stages.0.batch_size=64",
@@ -77,14 +78,15 @@ def test_ablate_reports_autoattack_and_the_robust_stage_time_as_a_ratio_seed_by_
             assert summary["autoattack"]["images"] == {"val": 100}
             assert summary["autoattack"]["library"].startswith("torchattacks ")
             assert summary["val_autoattack_top1"] == summary["val_top1"]  # every image, the stand-in changes none
-            metrics = runs.read_metrics(run)
+            metrics = run_folder.read_metrics(run)
             guard = sum(r.get("guard_seconds", 0.0) for r in metrics)
             assert (guard > 0) == (row == "2-n-fgsm")
             times[row].append(sum(r["seconds"] for r in metrics) + guard)
     pgd, nf = result["rows"]
     assert pgd["per_seed"]["robust_seconds"] == pytest.approx(times["1-pgd"])
     assert nf["per_seed"]["guard_seconds"] == pytest.approx(
-        [sum(r.get("guard_seconds", 0.0) for r in runs.read_metrics(out / "2-n-fgsm" / f"seed-{k}")) for k in (0, 1)])
+        [sum(r.get("guard_seconds", 0.0) for r in run_folder.read_metrics(out / "2-n-fgsm" / f"seed-{k}"))
+         for k in (0, 1)])
     ratios = [n / p for n, p in zip(times["2-n-fgsm"], times["1-pgd"], strict=True)]
     assert pgd["time_ratio"] == {"mean": 1.0, "se": 0.0}
     assert nf["time_ratio"]["mean"] == pytest.approx(sum(ratios) / 2)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fasttricks import fixres
-from fasttricks.checkpoint import read_info
 from fasttricks.cli import app
 from fasttricks.data.loader import beton_paths
-from fasttricks.evaluate import load_classifier
-from fasttricks.freezing import freeze
+from fasttricks.evaluation import fixres
+from fasttricks.evaluation.evaluate import load_classifier
+from fasttricks.models.freezing import freeze
+from fasttricks.models.weights import read_info
 from fasttricks.recipes import PIPELINES, FixResFineTuneConfig, load_recipe
-from fasttricks.train import train
+from fasttricks.training.loop import train
 
 
 @pytest.fixture(scope="module")

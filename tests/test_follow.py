@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from fasttricks.brainscore import follow as follow_mod
 from fasttricks.brainscore.export import sha1
-from fasttricks.brainscore.follow import follow, read_scores
+from fasttricks.brainscore.follow import follow
 from fasttricks.cli import app
 from fasttricks.recipes import load_recipe
-from fasttricks.train import train
+from fasttricks.runs.scores import read_scores
+from fasttricks.training.loop import train
 
 TESTS = Path(__file__).resolve().parent
 SETS = ["stages.0.epochs=2", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32"]
@@ -109,8 +110,8 @@ def test_a_checkpoint_deleted_before_its_turn_is_skipped_and_named(finished_run,
 def test_the_scores_are_a_panel_of_the_curves_and_a_line_of_status(finished_run, tmp_path, stand_in, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from fasttricks.plots import curves, plot
-    from fasttricks.status import describe, run_status
+    from fasttricks.runs.plots import curves, plot
+    from fasttricks.runs.status import describe, run_status
 
     run = _copy(finished_run, tmp_path)
     records = follow(run, [BENCH], once=True)
@@ -201,8 +202,8 @@ def test_a_run_that_logs_to_tensorboard_gets_the_scores_in_an_event_file_of_the_
 
 
 def test_ablate_with_a_benchmark_puts_its_column_beside_the_papers_figure(toy_data, tmp_path, stand_in):
-    from fasttricks.ablate import ablate
     from fasttricks.recipes import PIPELINES
+    from fasttricks.training.ablate import ablate
 
     folder = tmp_path / "rows"
     folder.mkdir()

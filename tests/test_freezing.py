@@ -6,10 +6,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from fasttricks import freezing
-from fasttricks.models import create_model
+from fasttricks.models import freezing
+from fasttricks.models.factory import create_model
 from fasttricks.recipes import ModelConfig, OptimizerConfig, StageConfig
-from fasttricks.train import create_optimizer, training_step
+from fasttricks.training.step import create_optimizer, training_step
 
 
 def test_first_half_of_efficientnet_b1_is_what_the_2022_winner_froze():

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fasttricks import guard
-from fasttricks import train as train_mod
 from fasttricks.recipes import AdversarialConfig, load_recipe
-from fasttricks.train import train
+from fasttricks.training import guard
+from fasttricks.training import step as step_module
+from fasttricks.training.loop import train
 
 SETS = ["stages.0.epochs=4", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32",
         "stages.0.adversarial={method: n_fgsm, eps: 2/255, guard: {images: 64, steps: 2, drop: 0.2}}"]
@@ -27,13 +27,13 @@ def scripted(monkeypatch):
     attack every training step used."""
     readings, attacks = iter([0.5, 0.6, 0.1]), []
     monkeypatch.setattr(guard, "robust_top1", lambda *a, **k: next(readings))
-    real_pgd = train_mod.pgd
+    real_pgd = step_module.pgd
 
     def recording_pgd(model, images, targets, cfg, **kwargs):
         attacks.append((cfg.method, cfg.steps))
         return real_pgd(model, images, targets, cfg, **kwargs)
 
-    monkeypatch.setattr(train_mod, "pgd", recording_pgd)
+    monkeypatch.setattr(step_module, "pgd", recording_pgd)
     return attacks
 
 
@@ -67,7 +67,7 @@ def test_a_run_resumed_after_the_fall_back_keeps_pgd_and_ends_as_the_uninterrupt
 
 
 def test_the_guard_measures_pgd_on_a_fixed_training_subset(toy_data):
-    from fasttricks.models import create_model
+    from fasttricks.models.factory import create_model
     from fasttricks.recipes import ModelConfig
 
     torch.manual_seed(0)

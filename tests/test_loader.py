@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fasttricks.data import loader as loader_mod
-from fasttricks.data.beton import BuildError
 from fasttricks.data.crops import crop_box, sample_key, uniform
 from fasttricks.data.loader import SeededBlockOrder, SeededOrder, TrainLoader, ValLoader
+from fasttricks.data.manifest import BuildError
 
 
 def _epoch(beton, *, seed=0, epoch=0, res=32, workers=2, skip=0, batch_size=32):

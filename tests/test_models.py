@@ -2,7 +2,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fasttricks.models import IMAGENET_MEAN, IMAGENET_STD, WeightsError, create_model, load_weights
+from fasttricks.models.factory import IMAGENET_MEAN, IMAGENET_STD, create_model
+from fasttricks.models.weights import WeightsError, load_weights
 from fasttricks.recipes import ModelConfig
 
 
@@ -86,7 +87,7 @@ def test_weights_recorded_as_another_architecture_are_refused_though_every_tenso
     batch-norm eps: loading one's weights into the other would compute something else silently."""
     import json
 
-    from fasttricks.checkpoint import save_weights
+    from fasttricks.models.weights import save_weights
 
     tf = create_model(ModelConfig(arch="tf_efficientnet_b1"), 10)
     assert tf.net.state_dict().keys() == create_model(ModelConfig(arch="efficientnet_b1"), 10).net.state_dict().keys()

@@ -113,7 +113,7 @@ def _user_recipe(tmp_path, body: str):
 
 
 def test_an_override_never_changes_the_experiment_the_users_own_recipe_file_sets(tmp_path, capsys):
-    from fasttricks.runs import recipe_for_train
+    from fasttricks.runs.folder import recipe_for_train
 
     mine = _user_recipe(tmp_path, "base: winner\nname: mine\nstages:\n  0:\n"
                                   "    adversarial: {eps: 1/255, step_size: 0.5/255}\n    optimizer: {lr: 0.05}\n")

@@ -1,4 +1,4 @@
-"""The run folder's rules (fasttricks/runs.py): a folder without a checkpoint is no run and is
+"""The run folder's rules (fasttricks/runs/folder.py): a folder without a checkpoint is no run and is
 taken over, a resumed run keeps its recipe and names what differs, one process writes a folder at
 a time, and `train`'s defaults on the toy set run in CPU-minutes."""
 
@@ -13,10 +13,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fasttricks import runs
 from fasttricks.cli import app
 from fasttricks.recipes import load_recipe
-from fasttricks.runs import RunFolderError, prepare, recipe_for_train
+from fasttricks.runs import folder
+from fasttricks.runs.folder import RunFolderError, prepare, recipe_for_train
 
 
 def _started_then_failed(out):
@@ -68,7 +68,7 @@ def test_resume_in_a_folder_with_no_run_is_refused_and_writes_nothing(tmp_path, 
 
 
 def _hold_lock(out, ready, release):
-    with runs.lock(out):
+    with folder.lock(out):
         ready.set()
         release.wait(30)
 
@@ -81,7 +81,7 @@ def test_a_second_process_on_the_same_folder_is_refused_with_the_owners_pid(tmp_
     owner.start()
     try:
         assert ready.wait(30)
-        with pytest.raises(RunFolderError, match=rf"another process \(pid {owner.pid}"), runs.lock(out):
+        with pytest.raises(RunFolderError, match=rf"another process \(pid {owner.pid}"), folder.lock(out):
             pass
     finally:
         release.set()
@@ -89,7 +89,7 @@ def test_a_second_process_on_the_same_folder_is_refused_with_the_owners_pid(tmp_
     assert not (out / ".lock").exists()  # released with the run
     # a lock file left by a killed run (a dead pid, no flock held) is stale and is taken over
     (out / ".lock").write_text("999999")
-    with runs.lock(out):
+    with folder.lock(out):
         assert (out / ".lock").read_text() == str(os.getpid())
 
 
@@ -142,7 +142,7 @@ def test_a_damaged_beton_is_one_line_naming_it_and_nothing_is_written(toy_data, 
 
 
 def test_a_damaged_checkpoint_is_named_on_resume_and_left_as_it_was(toy_data, tmp_path):
-    from fasttricks.train import train
+    from fasttricks.training.loop import train
 
     out = tmp_path / "r"
     recipe = load_recipe("baseline", ["overrides/toy"], ["stages.0.epochs=2", "data.val_resize=48", "data.val_crop=40"])
@@ -155,7 +155,7 @@ def test_a_damaged_checkpoint_is_named_on_resume_and_left_as_it_was(toy_data, tm
 
 
 def test_zero_workers_means_the_nodes_cores_divided_among_its_processes(monkeypatch):
-    from fasttricks.distributed import default_workers
+    from fasttricks.runtime.distributed import default_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -167,7 +167,7 @@ def test_zero_workers_means_the_nodes_cores_divided_among_its_processes(monkeypa
 
 
 def test_evaluation_every_k_epochs_and_always_at_a_stages_end(toy_data, tmp_path):
-    from fasttricks.train import train
+    from fasttricks.training.loop import train
 
     recipe = load_recipe("baseline", ["overrides/toy"], ["stages.0.epochs=5", "evaluation.every=2",
                                                          "data.val_resize=48", "data.val_crop=40",
@@ -190,9 +190,9 @@ def _lock_after_a_pause(out, opened, go, result):
             go.wait(30)
         return f
 
-    runs.open = slow_open  # this child's copy of the module only
+    folder.open = slow_open  # this child's copy of the module only
     try:
-        with runs.lock(out):
+        with folder.lock(out):
             result.put("acquired")
     except RunFolderError as e:
         result.put(str(e))
@@ -228,9 +228,9 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_che
                                                                                         monkeypatch):
     from safetensors import SafetensorError
 
-    from fasttricks import checkpoint
+    from fasttricks.models import weights
 
-    real_save, calls = checkpoint.save_file, []
+    real_save, calls = weights.save_file, []
 
     def disk_full_on_the_second_checkpoint(*args, **kwargs):
         calls.append(args[1])
@@ -238,7 +238,7 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_che
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full_on_the_second_checkpoint)
+    monkeypatch.setattr(weights, "save_file", disk_full_on_the_second_checkpoint)
     out = tmp_path / "r"
     result = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--out", str(out),
                                       "--override", "overrides/toy", "--set", "stages.0.epochs=3",
@@ -254,10 +254,10 @@ def test_a_full_disk_while_checkpointing_ends_in_one_line_and_keeps_the_last_che
 
 def test_a_checkpoint_saved_again_at_its_position_is_never_absent(tmp_path, monkeypatch):
     """Between setting the old folder aside and renaming the new one in place, the old one still counts."""
-    from fasttricks import checkpoint
-    from fasttricks.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
-    from fasttricks.models import create_model
+    from fasttricks.models.factory import create_model
     from fasttricks.recipes import ModelConfig
+    from fasttricks.runs import checkpoint
+    from fasttricks.runs.checkpoint import Position, list_checkpoints, load_checkpoint, save_checkpoint
 
     net = create_model(ModelConfig(arch="test_efficientnet"), 10).net
     first = save_checkpoint(tmp_path, Position(0, 1), net, {"arch": "test_efficientnet"}, {"n": 1})
@@ -281,7 +281,7 @@ def test_a_checkpoint_saved_again_at_its_position_is_never_absent(tmp_path, monk
 
 
 def test_bad_input_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, toy_data):
-    from fasttricks import evaluate
+    from fasttricks.evaluation import evaluate
 
     runner = CliRunner()
     zero = runner.invoke(app, ["eval", "no-such.safetensors", "--attack", "linf:8/255:0", "--data", str(toy_data)])

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fasttricks.recipes import PIPELINES, OptimizerConfig, SamConfig, StageConfig, load_recipe
-from fasttricks.train import create_optimizer, train, training_step
+from fasttricks.training.loop import train
+from fasttricks.training.step import create_optimizer, training_step
 
 
 def _problem():

@@ -1,7 +1,7 @@
 import pytest
 
 from fasttricks.recipes import ResolutionConfig, ScheduleConfig
-from fasttricks.schedules import lr_factor, resolution_at
+from fasttricks.recipes.schedules import lr_factor, resolution_at
 
 
 def test_warmup_then_linear_decay_to_the_final_factor():

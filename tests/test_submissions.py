@@ -9,7 +9,7 @@ import brainscore_vision
 import pytest
 import timm
 
-from fasttricks.freezing import resolve
+from fasttricks.models.freezing import resolve
 from fasttricks.recipes import load_recipe
 
 PLUGINS = Path(brainscore_vision.__file__).parent / "models"

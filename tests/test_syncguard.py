@@ -1,12 +1,12 @@
-"""No host sync between logging points (fasttricks/syncguard.py): the guard catches the operators
+"""No host sync between logging points (fasttricks/runtime/syncguard.py): the guard catches the operators
 that make the host wait, and whole training runs of each stage kind pass under it on the CPU."""
 
 import pytest
 import torch
 
 from fasttricks.recipes import load_recipe
-from fasttricks.syncguard import HostSyncError, no_host_sync
-from fasttricks.train import train
+from fasttricks.runtime.syncguard import HostSyncError, no_host_sync
+from fasttricks.training.loop import train
 
 
 @pytest.mark.parametrize("call,op", [
@@ -69,7 +69,7 @@ def test_the_heavy_augmentation_dispatches_no_syncing_operator(p):
 
 
 def test_the_guard_is_on_in_the_loop(toy_data, tmp_path, monkeypatch):
-    from fasttricks import train as train_mod
+    from fasttricks.training import loop as train_mod
 
     real = train_mod.training_step
 

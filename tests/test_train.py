@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fasttricks import train as train_mod
 from fasttricks.cli import app
 from fasttricks.recipes import PIPELINES, load_recipe
-from fasttricks.train import Interrupted, TrainingDiverged, train
+from fasttricks.training import loop as train_mod
+from fasttricks.training.interrupts import Interrupted, TrainingDiverged
+from fasttricks.training.loop import train
 
 TOY = PIPELINES / "overrides" / "toy.yaml"
 TIMING = {"images_per_s", "seconds", "guard_seconds"}
@@ -152,8 +153,8 @@ def test_pgd_fine_tuning_raises_robust_accuracy_over_plain_fine_tuning(learned_r
     """Both continue the learned model for 8 epochs at lr 0.05; one on L-inf PGD examples
     (eps 4/255, 2 steps). Measured: robust top-1 under PGD-10 at 4/255, 52% (PGD) vs 36% (plain);
     clean 75% vs 80%, the usual price."""
-    from fasttricks.adversarial import parse_attack
-    from fasttricks.evaluate import eval_command
+    from fasttricks.evaluation.evaluate import eval_command
+    from fasttricks.robust.pgd import parse_attack
 
     start, _ = learned_run
     common = ["stages.0.resolution.min=40", "stages.0.resolution.max=40", "stages.0.optimizer.lr=0.05",
@@ -182,7 +183,8 @@ def test_cli_refuses_to_overwrite_a_run_and_eval_reproduces_the_summary(full_run
 
 
 def test_a_run_folder_stands_for_its_final_weights_wherever_weights_are_taken(full_run):
-    from fasttricks.models import create_model, weights_file
+    from fasttricks.models.factory import create_model
+    from fasttricks.models.weights import weights_file
     from fasttricks.recipes import ModelConfig
 
     out, _ = full_run
@@ -198,7 +200,7 @@ def _same_state(a, b):
 
 def test_resume_with_a_different_recipe_is_refused(full_run, toy_data):
     out, _ = full_run
-    from fasttricks.runs import RunFolderError
+    from fasttricks.runs.folder import RunFolderError
 
     with pytest.raises(RunFolderError, match=r"keys differ.*stages\.0\.optimizer\.lr: 0\.2 -> 0\.01"):
         train(_recipe(4, "stages.0.optimizer.lr=0.01"), toy_data, out, resume=True, show_progress=False)
@@ -224,7 +226,7 @@ def test_cuda_run_in_bf16_learns_and_evaluates_like_its_saved_model(toy_data_lea
                      "stages.0.resolution.start_ramp=3", "stages.0.resolution.end_ramp=12")
     summary = train(recipe, toy_data_learning, tmp_path / "r", device=torch.device("cuda"), show_progress=False)
     assert summary["val_top1"] > 45, summary
-    from fasttricks.evaluate import eval_command
+    from fasttricks.evaluation.evaluate import eval_command
 
     report = eval_command(tmp_path / "r" / "final.safetensors", toy_data_learning, crop=None, resize=None,
                           batch_size=200, device=torch.device("cuda"))
@@ -246,7 +248,7 @@ def test_two_stage_recipe_freezes_the_first_half_and_records_it(toy_data, tmp_pa
         recipe.stages[0],
         recipe.stages[0].model_copy(update={"name": "finetune", "adversarial": None, "freeze": "first_half"})]})
     summary = train(recipe, toy_data, tmp_path / "r", show_progress=False)
-    from fasttricks.checkpoint import read_info
+    from fasttricks.models.weights import read_info
 
     info = read_info(tmp_path / "r" / "final.safetensors")
     assert info["frozen"][:2] == ["conv_stem", "bn1"] and info["frozen"][-1] == "blocks.1.0"

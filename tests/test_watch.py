@@ -1,5 +1,5 @@
-"""Watching a long run: `fasttricks plot` (fasttricks/plots.py) and `fasttricks status`
-(fasttricks/status.py), on a stopped run and on the same run finished."""
+"""Watching a long run: `fasttricks plot` (fasttricks/runs/plots.py) and `fasttricks status`
+(fasttricks/runs/status.py), on a stopped run and on the same run finished."""
 
 import json
 import shutil
@@ -9,12 +9,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fasttricks.cli import app
-from fasttricks.plots import curves
 from fasttricks.recipes import load_recipe
-from fasttricks.runs import read_metrics
-from fasttricks.schedules import resolution_at
-from fasttricks.status import run_status
-from fasttricks.train import train
+from fasttricks.recipes.schedules import resolution_at
+from fasttricks.runs.folder import read_metrics
+from fasttricks.runs.plots import curves
+from fasttricks.runs.status import run_status
+from fasttricks.training.loop import train
 
 SETS = ["stages.0.epochs=3", "stages.0.resolution={min: 32, max: 40, start_ramp: 1, end_ramp: 2, multiple: 8}",
         "data.val_resize=48", "data.val_crop=40"]
@@ -45,12 +45,12 @@ def test_status_of_a_stopped_run_estimates_the_rest_from_the_measured_epochs(sto
 
 
 def test_status_of_a_finished_run_and_of_a_run_being_written(stopped_and_finished):
-    from fasttricks import runs
+    from fasttricks.runs import folder
 
     _, finished = stopped_and_finished
     s = run_status(finished)
     assert s["finished"] and s["eta_run_s"] is None and s["summary"]["val_top1"] == s["last_metrics"]["val_top1"]
-    with runs.lock(finished):  # as a training process holds it
+    with folder.lock(finished):  # as a training process holds it
         assert run_status(finished)["writer_pid"] > 0
     result = CliRunner().invoke(app, ["status", str(finished), "--json"])
     assert json.loads(result.output)["finished"] is True
@@ -72,7 +72,7 @@ def test_plot_draws_the_curves_of_metrics_jsonl_across_stages(stopped_and_finish
 def test_the_learning_rate_panel_is_logarithmic(stopped_and_finished, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from fasttricks.plots import plot
+    from fasttricks.runs.plots import plot
 
     figures, close = [], plt.close
     monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
@@ -106,14 +106,11 @@ def test_a_tracker_that_is_not_installed_is_refused_with_the_recipe(monkeypatch)
 
 
 def test_the_progress_lines_run_eta_counts_every_remaining_epoch_at_its_resolution():
-    from types import SimpleNamespace
-
-    from fasttricks.train import _run_eta
+    from fasttricks.training.epoch_log import run_eta
 
     recipe = load_recipe("winner")  # 40 epochs 160 -> 240, then 5 at 240
-    run = SimpleNamespace(recipe=recipe, epoch_times={(0, 160): [600.0]})
     # half of epoch 0 done at 160 px, 10 min per 160-px epoch; stage 2 never measured yet
-    eta = _run_eta(run, 0, 0, 160, 0.5, 300.0)
+    eta = run_eta(recipe, {(0, 160): [600.0]}, 0, 0, 160, 0.5, 300.0)
     assert eta.endswith("+ behaviour")  # said, not guessed
     later = [resolution_at(recipe.stages[0].resolution, e) for e in range(1, 40)]
     expected = 0.5 * 600 + sum(600 * (r / 160) ** 2 for r in later)  # scaled by pixel count

@@ -8,35 +8,21 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_runs import small_winner as _winner
 
-from fasttricks import fixres
-from fasttricks import train as train_module
-from fasttricks.ablate import ablate
-from fasttricks.checkpoint import read_info
+from fasttricks.evaluation import fixres
+from fasttricks.models.weights import read_info
 from fasttricks.recipes import PIPELINES, load_recipe
-from fasttricks.runs import RunFolderError
-from fasttricks.train import train
+from fasttricks.runs.folder import RunFolderError
+from fasttricks.training import finish as finish_module
+from fasttricks.training.ablate import ablate
+from fasttricks.training.loop import train
 
-TOY_WINNER = PIPELINES / "overrides" / "toy-winner.yaml"
-SMALL = ["data.val_resize=48", "data.val_crop=40", "stages.0.epochs=2", "stages.1.epochs=3",
-         "stages.0.resolution={min: 32, max: 40, start_ramp: 0, end_ramp: 1, multiple: 8}",
-         "stages.1.resolution={min: 40, max: 40}", "stages.1.average.last=2", "stages.1.average.bn_batches=3",
-         "evaluation.attack.steps=2"]
 TIMING = {"images_per_s", "seconds", "seconds_this_call", "guard_seconds"}
-
-
-def _winner(*sets):
-    return load_recipe("winner", [TOY_WINNER], [*SMALL, *sets])
 
 
 def _weights(path):
     return load_file(str(path))
-
-
-@pytest.fixture(scope="module")
-def winner_run(toy_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "winner"
-    return out, train(_winner(), toy_data, out, show_progress=False)
 
 
 def test_winner_runs_every_stage_and_its_summary_holds_every_field(winner_run):
@@ -54,7 +40,7 @@ def test_winner_runs_every_stage_and_its_summary_holds_every_field(winner_run):
     assert [(r["stage"], r["epoch"], r.get("averaged")) for r in rows] == [
         ("adversarial", 1, None), ("adversarial", 2, None), ("behaviour", 1, None), ("behaviour", 2, None),
         ("behaviour", 3, None), ("behaviour", 3, "epochs 2,3")]
-    from fasttricks.plots import curves  # the plot's x runs across both stages; the average at its stage's end
+    from fasttricks.runs.plots import curves  # the plot's x runs across both stages; the average at its stage's end
 
     assert [x for x, _ in curves(out)["val_top1"]] == [1, 2, 3, 4, 5, 5]
     assert curves(out)["val_robust_top1"] == [(5.0, summary["val_robust_top1"])]
@@ -134,7 +120,7 @@ def _without(row: dict, keys) -> dict:
 
 
 @pytest.mark.parametrize("stop", [_stop_after_the_last_epoch, _stop_after_the_averaging,
-                                  _crash_in(fixres, "choose"), _crash_in(train_module, "_final_accuracy")],
+                                  _crash_in(fixres, "choose"), _crash_in(finish_module, "_final_accuracy")],
                          ids=["after the last epoch", "after the averaging", "during FixRes",
                               "during the final evaluation"])
 def test_a_resume_at_every_boundary_after_the_last_stage_leaves_the_uninterrupted_runs_files(

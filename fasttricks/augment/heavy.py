@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttricks.recipes import AugmentConfig
-from fasttricks.seeding import AUGMENT, stream_seed
+from fasttricks.runtime.seeding import AUGMENT, stream_seed
 
 OPS = tuple(AugmentConfig.model_fields)  # the ops, in the order they run
 

@@ -16,11 +16,11 @@ from fasttricks.atomic import atomic_path  # noqa: E402
 from fasttricks.augment import stage_augmentation  # noqa: E402
 from fasttricks.augment.heavy import seeded, step_seed  # noqa: E402
 from fasttricks.augment.mixing import one_hot  # noqa: E402
-from fasttricks.data.beton import read_manifest  # noqa: E402
 from fasttricks.data.loader import TrainLoader, beton_paths  # noqa: E402
+from fasttricks.data.manifest import read_manifest  # noqa: E402
 from fasttricks.errors import InputError
 from fasttricks.recipes import Recipe  # noqa: E402
-from fasttricks.schedules import resolution_at  # noqa: E402
+from fasttricks.recipes.schedules import resolution_at  # noqa: E402
 
 
 def _label(target: torch.Tensor, classes: list[str]) -> str:
@@ -33,7 +33,7 @@ def _label(target: torch.Tensor, classes: list[str]) -> str:
 def augment_grid(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *, stage: int = 0,
                  n: int = 8, device: torch.device) -> Path:
     """Write the grid PNG to ``out`` (atomically); returns its path."""
-    from fasttricks.train import augment_and_mix
+    from fasttricks.augment import augment_and_mix
 
     if not 0 <= stage < len(recipe.stages):
         raise InputError(f"--stage must be in 0..{len(recipe.stages) - 1}, not {stage}")

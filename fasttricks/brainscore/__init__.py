@@ -1,2 +1,2 @@
-"""Brain-Score: export a trained model as a brainscore_vision plugin (``export``), and use that
-export here: activations on local images and benchmark scores (``local``)."""
+"""Brain-Score: export a trained model as a brainscore_vision plugin (``export``), activations and
+scores here (``local``), scoring beside training (``follow``). Imports models and runs, nothing above."""

@@ -22,9 +22,8 @@ from pathlib import Path
 import yaml
 
 from fasttricks.brainscore.layers import READOUT, candidate_layers, default_region_map
-from fasttricks.checkpoint import read_info
 from fasttricks.errors import UserError
-from fasttricks.models import WeightsError, weights_file
+from fasttricks.models.weights import WeightsError, read_info, weights_file
 from fasttricks.progress import console
 
 PLUGIN_MODEL = Path(__file__).with_name("plugin_model.py")

@@ -14,8 +14,6 @@ released and every checkpoint has its scores."""
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fasttricks.checkpoint import Position, list_checkpoints
 from fasttricks.progress import console
-
-SCORES = Path("brainscore") / "scores.jsonl"
-BRAINSCORE = "brainscore:"  # the prefix of a benchmark's metric in curves and ablate's columns
+from fasttricks.runs.checkpoint import Position, list_checkpoints
+from fasttricks.runs.scores import append_score, epoch_of, read_scores
 
 
 @dataclass(frozen=True)
@@ -47,22 +43,6 @@ def targets(run: Path) -> list[Target]:
     if (run / "final.safetensors").is_file():
         found.append(Target("final", run / "final.safetensors", None))
     return found
-
-
-def read_scores(run: Path) -> list[dict]:
-    path = run / SCORES
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append(run: Path, record: dict) -> None:
-    path = run / SCORES
-    path.parent.mkdir(exist_ok=True)
-    with open(path, "a") as f:  # one line a record, flushed: a reader never sees half of one
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def score_target(run: Path, target: Target, digest: str, benchmark: str, loaded) -> dict:
@@ -112,7 +92,7 @@ class _Events:
     at the first score, so a follower polling a run with nothing new writes none."""
 
     def __init__(self, run: Path):
-        from fasttricks.runs import saved_recipe
+        from fasttricks.runs.folder import saved_recipe
 
         recipe = saved_recipe(run)
         self._run, self._writer, self._on = run, None, recipe.logging.tensorboard
@@ -128,11 +108,6 @@ class _Events:
         x = epoch_of(record, self._starts, self._total)
         self._writer.add_scalar(f"brainscore/{record['benchmark']}", record["score"], x)
         self._writer.flush()
-
-
-def epoch_of(record: dict, starts: list[int], total: int) -> int:
-    """A record's epoch of the whole run (the final model: the last epoch)."""
-    return total if record["stage"] is None else starts[record["stage"]] + record["epoch"]
 
 
 Chooser = Callable[[Path, list[Target]], list[Target]]  # (run, its targets) -> those to score
@@ -167,7 +142,7 @@ def score_pending(run: Path, loaded: dict, chosen: Chooser = lambda run, found: 
                 break
             else:
                 record = score_target(run, target, digest, benchmark, bench)
-            _append(run, record)
+            append_score(run, record)
             events.add(record)
             named.add((target.name, digest, benchmark))
             if record["error"] is None:
@@ -185,8 +160,7 @@ def _skipped(target: Target) -> None:
 def follow(run: Path, benchmarks: list[str], *, once: bool = False, poll: float = 30.0) -> list[dict]:
     """Score the run's checkpoints as they appear until its writer is gone and all are scored
     (``once``: what is there now, then return)."""
-    from fasttricks.runs import saved_recipe
-    from fasttricks.status import writer_pid
+    from fasttricks.runs.folder import saved_recipe, writer_pid
 
     loaded = load_all(benchmarks)
     while not once and not (run / "config.yaml").is_file():  # started beside a job that has not begun yet
@@ -216,7 +190,7 @@ def choose(spec: str) -> Chooser:
         raise InputError(f"--checkpoints expects all, last or epochs such as 3,5,10, not {spec!r}") from None
 
     def at_epochs(run: Path, found: list[Target]) -> list[Target]:
-        from fasttricks.runs import saved_recipe
+        from fasttricks.runs.folder import saved_recipe
 
         starts = saved_recipe(run).stage_starts()
         return [t for t in found if t.position is not None and t.position.step == 0 and not t.position.averaged
@@ -224,10 +198,3 @@ def choose(spec: str) -> Chooser:
     return at_epochs
 
 
-def last_scores(run: Path) -> dict[str, dict]:
-    """The newest score of each benchmark (for ``status``)."""
-    latest: dict[str, dict] = {}
-    for record in read_scores(run):
-        if record["error"] is None:
-            latest[record["benchmark"]] = record
-    return latest

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from fasttricks.errors import InputError
-from fasttricks.freezing import block_names
+from fasttricks.models.freezing import block_names
 
 READOUT = "global_pool"
 # The 2022 winning entries' region map for EfficientNet-B1 (their region_layer_map/*.json).

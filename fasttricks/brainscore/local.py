@@ -19,8 +19,8 @@ import numpy as np
 
 from fasttricks.atomic import atomic_path, write_json
 from fasttricks.brainscore.export import ExportError, export, find_weights, identifier_for, run_folder, sha1
-from fasttricks.checkpoint import read_info
 from fasttricks.errors import InputMissing, UserError
+from fasttricks.models.weights import read_info
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 

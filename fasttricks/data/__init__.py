@@ -1,1 +1,2 @@
-"""Data: the toy set (`toy`), ImageFolder → .beton compilation (`beton`), FFCV loaders (`loader`)."""
+"""Data: the toy set (``toy``), ImageFolder → .beton compilation (``beton``, ``manifest``, ``checksums``),
+class lists, seeded crops and the FFCV loaders (``loader``). Imports errors/atomic/progress and runtime."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fasttricks.data.beton import BuildError, manifest_path, read_manifest
+from fasttricks.data.manifest import BuildError, manifest_path, read_manifest
 from fasttricks.progress import progress_bar
 
 ALGORITHM = "crc32 of the metadata row and the allocated bytes"  # recorded in the manifest

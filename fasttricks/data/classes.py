@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fasttricks.data.beton import BuildError, check_beton
+from fasttricks.data.manifest import BuildError, check_beton
 
 
 class ClassListError(BuildError):

@@ -17,8 +17,8 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from fasttricks.data.crops import CentreCropDecoder, SeededRandomResizedCropFlip
-from fasttricks.distributed import default_workers, dist_info
 from fasttricks.errors import InputError, InputMissing
+from fasttricks.runtime.distributed import default_workers, dist_info
 
 ORDERS = ("random", "quasi_random", "sequential")
 
@@ -127,7 +127,7 @@ class TrainLoader:
 
 
 def _check_written_shuffled(beton: str | os.PathLike) -> None:
-    from fasttricks.data.beton import BuildError, read_manifest
+    from fasttricks.data.manifest import BuildError, read_manifest
 
     if not read_manifest(beton).get("options", {}).get("shuffle"):
         raise BuildError(f"data.order quasi_random reads {beton} in contiguous blocks, and it was written in folder "
@@ -139,7 +139,7 @@ def sample_indices(beton: str | os.PathLike, count: int, seed: int) -> np.ndarra
     """A seeded random subset of ``count`` sample indices (all of them when the beton holds fewer),
     sorted: a loader over it reads a short epoch to the end instead of abandoning a long one
     (FFCV's loader thread is not meant to be dropped mid-epoch)."""
-    from fasttricks.data.beton import read_manifest
+    from fasttricks.data.manifest import read_manifest
 
     total = read_manifest(beton)["images"]
     if count >= total:

@@ -3,29 +3,13 @@ run should end, read from the run folder alone (another process may be writing i
 
 from __future__ import annotations
 
-import fcntl
 import json
 from pathlib import Path
 
-from fasttricks.brainscore.follow import last_scores
-from fasttricks.checkpoint import Position, list_checkpoints
-from fasttricks.runs import LOCK_NAME, read_metrics, saved_recipe
-from fasttricks.schedules import resolution_at
-
-
-def writer_pid(run: Path) -> int | None:
-    """The pid of the process writing ``run`` (it holds RUN/.lock), or None."""
-    path = run / LOCK_NAME
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only when no writer holds it
-        except BlockingIOError:
-            text = f.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return None  # a lock file left by a killed run
+from fasttricks.recipes.schedules import resolution_at
+from fasttricks.runs.checkpoint import Position, list_checkpoints
+from fasttricks.runs.folder import read_metrics, saved_recipe, writer_pid
+from fasttricks.runs.scores import last_scores
 
 
 def epoch_times(rows: list[dict]) -> dict[tuple[int, int], list[float]]:

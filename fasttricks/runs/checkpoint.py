@@ -5,23 +5,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from fasttricks.atomic import atomic_path
-from fasttricks.errors import UserError
-from fasttricks.models import WeightsError, weights_file
+from fasttricks.models.weights import WeightsError, write_weights, writing
 
 ASIDE_PREFIX = ".replaced-"  # a checkpoint that a new save of its position is replacing
 _NAME = re.compile(r"^(?:\.replaced-)?s(\d+)-e(\d+)(?:-step(\d+))?(-avg)?$")
@@ -42,55 +37,6 @@ class Position:
                 + ("-avg" if self.averaged else ""))
 
 
-class WriteFault(UserError, OSError):
-    """A file could not be written (a full disk, a quota, an I/O error); what was there is kept."""
-
-
-@contextmanager
-def writing(path: Path):
-    """Turn the ways a write fails (OSError, safetensors' and torch.save's own errors, which wrap
-    the system's message) into one ``WriteFault`` naming ``path``."""
-    try:
-        yield
-    except (OSError, SafetensorError, RuntimeError) as e:
-        if isinstance(e, WriteFault) or (isinstance(e, RuntimeError) and "writ" not in str(e).lower()):
-            raise  # a RuntimeError that is not about writing is a bug: its traceback is wanted
-        raise WriteFault(f"could not write {path}: {str(e).strip()[:300]}") from None
-
-
-def save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
-    """The network's tensors with ``info`` (JSON) in the safetensors metadata, atomically."""
-    with writing(Path(path)):
-        _save_weights(path, net, info)
-
-
-def _save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"fasttricks": json.dumps(info)})
-
-
-def read_info(path: str | os.PathLike) -> dict:
-    """The ``info`` saved with ``save_weights``."""
-    path = weights_file(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise WeightsError(f"{path} is not a safetensors file: {e}") from None
-    if "fasttricks" not in meta:
-        raise WeightsError(f"{path} was not written by fasttricks (no model description in its metadata)")
-    return json.loads(meta["fasttricks"])
-
-
-def update_info(path: str | os.PathLike, changes: dict) -> dict:
-    """Rewrite a weights file's ``info`` with ``changes`` merged in (atomically); returns it."""
-    info = {**read_info(path), **changes}
-    with atomic_path(path) as tmp:
-        save_file(load_file(str(path)), str(tmp), metadata={"fasttricks": json.dumps(info)})
-    return info
-
-
 def save_checkpoint(run_dir: Path, position: Position, net: nn.Module, info: dict, state: dict) -> Path:
     """Write ``checkpoints/<position>/``; returns its path."""
     root = run_dir / "checkpoints"
@@ -100,7 +46,7 @@ def save_checkpoint(run_dir: Path, position: Position, net: nn.Module, info: dic
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         with writing(final):
-            _save_weights(tmp / "model.safetensors", net, info)
+            write_weights(tmp / "model.safetensors", net, info)
             torch.save({**state, "position": asdict(position)}, tmp / "state.pt")
         # A folder cannot replace a full one in one rename: the old one steps aside under a name that
         # list_checkpoints still reads, so at every moment one complete checkpoint holds the position.

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from fasttricks.atomic import atomic_path, write_json, write_text
-from fasttricks.checkpoint import update_info
 from fasttricks.data.loader import ValLoader
 from fasttricks.errors import InputError
-from fasttricks.evaluate import as_row, evaluate_splits, val_loaders
+from fasttricks.evaluation.evaluate import as_row, evaluate_splits, val_loaders
+from fasttricks.models.weights import update_info
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import FIXRES_SPLITS, FixResFineTuneConfig, resize_crop
 
@@ -94,7 +94,7 @@ def best(rows: list[dict], metric: str = "val_top1") -> dict:
 def halves(loaders: dict[str, ValLoader]) -> tuple[dict[str, ValLoader], dict[str, ValLoader]]:
     """Each split's loader as two: its even-numbered images (to choose the size on) and its
     odd-numbered ones (to report the chosen size on)."""
-    from fasttricks.data.beton import read_manifest
+    from fasttricks.data.manifest import read_manifest
 
     pick, report = {}, {}
     for split, loader in loaders.items():
@@ -158,9 +158,9 @@ def finetune(model: nn.Module, net: nn.Module, train_beton: Path, *, crop: int, 
     """Train the classifier and the batch norms that are not frozen at the test size, everything
     else fixed. Crops cover at least (crop/resize)² of the image, so objects appear at about the
     size the test transform shows them."""
-    from fasttricks.averaging import batch_norms
     from fasttricks.data.loader import TrainLoader, sample_indices
-    from fasttricks.devices import autocast
+    from fasttricks.models.averaging import batch_norms
+    from fasttricks.runtime.devices import autocast
 
     norms = batch_norms(net, frozen)
     saved = {n: p.requires_grad for n, p in net.named_parameters()}
@@ -281,8 +281,8 @@ def fixres_command(weights: Path, data_dir: Path, *, sizes: list[int | str] | No
     the weights are a run's ``final.safetensors``, record the choice in its ``summary.json``. With
     ``brainscore:ID`` the model is exported and scored at each size (``RUN/brainscore/``); the
     benchmark is loaded before anything is measured, so a benchmark that cannot be loaded costs nothing."""
-    from fasttricks.evaluate import check_data_fits, load_classifier
-    from fasttricks.models import weights_file
+    from fasttricks.evaluation.evaluate import load_classifier
+    from fasttricks.models.weights import check_data_fits, weights_file
 
     benchmark = benchmark_of(metric)
     weights = weights_file(weights)

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from fasttricks import recipes, runs
-from fasttricks.adversarial import describe_eps
+from fasttricks import recipes
 from fasttricks.atomic import write_json, write_text
-from fasttricks.brainscore.follow import BRAINSCORE
 from fasttricks.errors import InputError, InputMissing
 from fasttricks.progress import console
 from fasttricks.recipes import Recipe
+from fasttricks.robust.pgd import describe_eps
+from fasttricks.runs import folder as run_folder
+from fasttricks.runs.scores import BRAINSCORE
 
 METRICS = {"val_top1": "val top-1", "val_clutter_top1": "val_clutter top-1", "val_robust_top1": "robust top-1",
            "val_autoattack_top1": "AutoAttack top-1", "robust_seconds": "robust-stage s",
@@ -76,14 +77,14 @@ def tricks(recipe: Recipe) -> dict[str, str]:
 
 def run_one(recipe: Recipe, data_dir: Path, out: Path, device: torch.device | None) -> dict:
     """Train (or resume, or read back) one row's run; returns its summary."""
-    from fasttricks.train import train
+    from fasttricks.training.loop import train
 
     summary_file = out / "summary.json"
     same = _same_recipe(out, recipe)
     if same and summary_file.is_file():
         console.print(f"{out}: finished earlier with this recipe, read back")
         return json.loads(summary_file.read_text())
-    if runs.is_run(out) and not same:
+    if run_folder.is_run(out) and not same:
         console.print(f"[yellow]{out} holds a run of a different recipe: replacing it (--overwrite)")
     return train(recipe, data_dir, out, device=device, resume=same, overwrite=not same)
 
@@ -91,7 +92,7 @@ def run_one(recipe: Recipe, data_dir: Path, out: Path, device: torch.device | No
 def _same_recipe(out: Path, recipe: Recipe) -> bool:
     config = out / "config.yaml"
     # by value, key by key: a recipe's notes (what an override changed) are not part of it
-    return config.is_file() and not runs.recipe_differences(recipes.validate(yaml.safe_load(config.read_text())),
+    return config.is_file() and not run_folder.recipe_differences(recipes.validate(yaml.safe_load(config.read_text())),
                                                             recipe)
 
 
@@ -100,9 +101,9 @@ def _check_replacements(runs_by_file: dict[Path, list[tuple[Recipe, Path]]], ove
     if overwrite:
         return
     other = [run_dir for pairs in runs_by_file.values() for recipe, run_dir in pairs
-             if runs.is_run(run_dir) and not _same_recipe(run_dir, recipe)]
+             if run_folder.is_run(run_dir) and not _same_recipe(run_dir, recipe)]
     if other:
-        raise runs.RunFolderError(
+        raise run_folder.RunFolderError(
             f"{len(other)} row(s) already hold runs of another recipe (another --set or --override?): "
             + ", ".join(str(p) for p in other[:6]) + (" ..." if len(other) > 6 else "")
             + "; choose another --out, or pass --overwrite to replace them")
@@ -150,7 +151,7 @@ def robust_stage_time(run_dir: Path, recipe: Recipe) -> dict[str, float]:
     run has no adversarial stage. Evaluation and checkpointing are left out: they do not depend on
     the training attack."""
     adversarial = {i for i, s in enumerate(recipe.stages) if s.adversarial is not None}
-    rows = [r for r in runs.read_metrics(run_dir) if r.get("stage_index") in adversarial]
+    rows = [r for r in run_folder.read_metrics(run_dir) if r.get("stage_index") in adversarial]
     if not rows:
         return {}
     guard = sum(r.get("guard_seconds", 0.0) for r in rows)
@@ -171,7 +172,8 @@ def _final_scores(run_dir: Path, loaded: dict) -> dict[str, float]:
     """``brainscore:ID`` -> the final model's score on each loaded benchmark."""
     if not loaded:
         return {}
-    from fasttricks.brainscore.follow import read_scores, score_pending
+    from fasttricks.brainscore.follow import score_pending
+    from fasttricks.runs.scores import read_scores
 
     score_pending(run_dir, loaded, lambda run, found: [t for t in found if t.name == "final"])
     final = [r for r in read_scores(run_dir) if r["checkpoint"] == "final" and r["error"] is None]

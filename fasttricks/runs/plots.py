@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from fasttricks.atomic import atomic_path
-from fasttricks.brainscore.follow import BRAINSCORE, epoch_of, read_scores
 from fasttricks.errors import InputError
-from fasttricks.runs import read_metrics, saved_recipe
+from fasttricks.runs.folder import read_metrics, saved_recipe
+from fasttricks.runs.scores import BRAINSCORE, epoch_of, read_scores
 
 PANELS = {"train_loss": "train loss", "lr": "learning rate", "resolution": "training resolution (px)",
           "val_top1": "val top-1 (%)", "val_clutter_top1": "val_clutter top-1 (%)",

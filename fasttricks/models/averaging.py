@@ -18,10 +18,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fasttricks.checkpoint import read_info, save_weights
-from fasttricks.distributed import dist_info, sum_over_ranks
 from fasttricks.errors import InputError, OutputExists
-from fasttricks.models import WeightsError, weights_file
+from fasttricks.models.weights import WeightsError, read_info, save_weights, weights_file
+from fasttricks.runtime.distributed import dist_info, sum_over_ranks
 
 
 def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -127,7 +126,7 @@ def average_command(paths: Sequence[Path], out: Path, *, data_dir: Path | None, 
     """``fasttricks average``: average, recalibrate on ``data_dir``'s training set when given,
     write ``out`` (atomically). Returns a report."""
     from fasttricks.data.loader import beton_paths
-    from fasttricks.models import classifier_for
+    from fasttricks.models.factory import classifier_for
 
     if len(paths) < 2:
         raise InputError("average needs at least two checkpoints")
@@ -138,7 +137,7 @@ def average_command(paths: Sequence[Path], out: Path, *, data_dir: Path | None, 
     model.net.load_state_dict(state)
     report = {"averaged": [str(p) for p in paths], "out": str(out), "bn_images": 0}
     if data_dir is not None and bn_batches > 0:
-        from fasttricks.evaluate import check_data_fits
+        from fasttricks.models.weights import check_data_fits
 
         check_data_fits(info, paths[-1], data_dir)
         res = info.get("train_resolution", info["val_crop"])

@@ -24,8 +24,8 @@ import torch
 from pytorch_optimizer import SAM
 from torch import nn
 
-from fasttricks.devices import autocast
 from fasttricks.recipes import SamConfig
+from fasttricks.runtime.devices import autocast
 
 
 def wrap(base: torch.optim.Optimizer, cfg: SamConfig) -> SAM:

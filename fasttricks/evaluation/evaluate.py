@@ -10,16 +10,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasttricks.adversarial import image_generators, pgd
-from fasttricks.autoattack import chosen_images
-from fasttricks.autoattack import describe as describe_autoattack
-from fasttricks.autoattack import robust_top1 as autoattack_top1
-from fasttricks.checkpoint import read_info
 from fasttricks.data.loader import ValLoader, beton_paths
-from fasttricks.devices import autocast
-from fasttricks.distributed import sum_over_ranks
-from fasttricks.models import Classifier, classifier_for, weights_file
+from fasttricks.models.factory import Classifier, classifier_for
+from fasttricks.models.weights import check_data_fits, read_info, weights_file
 from fasttricks.recipes import AdversarialConfig, AutoAttackConfig
+from fasttricks.robust.autoattack import chosen_images
+from fasttricks.robust.autoattack import describe as describe_autoattack
+from fasttricks.robust.autoattack import robust_top1 as autoattack_top1
+from fasttricks.robust.pgd import image_generators, pgd
+from fasttricks.runtime.devices import autocast
+from fasttricks.runtime.distributed import sum_over_ranks
 
 
 def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
@@ -101,17 +101,6 @@ def load_classifier(weights: str | os.PathLike, device: torch.device) -> tuple[C
     info = read_info(weights)
     model = classifier_for(info, weights)
     return model.to(device).to(memory_format=torch.channels_last), info
-
-
-def check_data_fits(info: dict, weights: str | os.PathLike, data_dir: str | os.PathLike) -> None:
-    """The data's class list is the one the model was trained on (older files record only the count)."""
-    from fasttricks.data.classes import ClassListError, check_model_classes, data_classes
-
-    classes = data_classes(data_dir)
-    if "classes" in info:
-        check_model_classes(info["classes"], weights, classes, data_dir)
-    elif info["num_classes"] != len(classes):
-        raise ClassListError(f"{weights} has {info['num_classes']} classes but {data_dir} has {len(classes)}")
 
 
 def eval_command(weights: Path, data_dir: Path, *, crop: int | None, resize: int | None, batch_size: int,

@@ -9,11 +9,11 @@ from itertools import groupby
 from pathlib import Path
 
 from fasttricks import recipes
-from fasttricks.adversarial import describe_eps
 from fasttricks.data.classes import checked_manifests
 from fasttricks.data.loader import beton_paths
 from fasttricks.recipes import AdversarialConfig, Recipe, StageConfig
-from fasttricks.schedules import resolution_at
+from fasttricks.recipes.schedules import resolution_at
+from fasttricks.robust.pgd import describe_eps
 
 
 def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> list[str]:

@@ -16,7 +16,6 @@ The last iterate is returned (robustness' ``use_best`` bookkeeping costs a forwa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -24,27 +23,11 @@ import torch.nn.functional as F
 from robustness.attack_steps import L2Step, LinfStep
 from torch import nn
 
-from fasttricks.devices import autocast
 from fasttricks.errors import InputError
 from fasttricks.recipes import AdversarialConfig, AutoAttackConfig
-from fasttricks.seeding import ATTACK, EVAL_ATTACK, stream_seed
-
-Generators = torch.Generator | Sequence[torch.Generator] | None
-
-
-def _noise_like(x: torch.Tensor, kind: str, generator: Generators) -> torch.Tensor:
-    """Noise drawn in logical (NCHW) order, then laid out like ``x``: the same draws whatever
-    the memory format, so channels_last changes no result. ``generator`` may be one per image
-    (evaluation: each image's start is then its own, whatever batch it falls in)."""
-    def draw(shape, g):
-        noise = torch.empty(shape, device=x.device, dtype=x.dtype)
-        return noise.uniform_(-1, 1, generator=g) if kind == "uniform" else noise.normal_(generator=g)
-
-    if isinstance(generator, Sequence):
-        noise = torch.stack([draw(x.shape[1:], g) for g in generator])
-    else:
-        noise = draw(x.shape, generator)
-    return torch.empty_like(x).copy_(noise)
+from fasttricks.robust.noise import Generators, noise_like
+from fasttricks.runtime.devices import autocast
+from fasttricks.runtime.seeding import ATTACK, EVAL_ATTACK, stream_seed
 
 
 def image_generators(device: torch.device, image_ids, stream: int = EVAL_ATTACK) -> list[torch.Generator]:
@@ -62,7 +45,7 @@ class LinfPGDStep(LinfStep):
     """robustness' L∞ step and projection; random start uniform in the ε-box from ``generator``."""
 
     def random_perturb(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        return torch.clamp(x + _noise_like(x, "uniform", generator) * self.eps, 0, 1)
+        return torch.clamp(x + noise_like(x, "uniform", generator) * self.eps, 0, 1)
 
 
 class L2PGDStep(L2Step):
@@ -78,7 +61,7 @@ class L2PGDStep(L2Step):
         return x + g / (_per_sample_norm(g) + 1e-10) * self.step_size
 
     def random_perturb(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        direction = _noise_like(x, "normal", generator)
+        direction = noise_like(x, "normal", generator)
         return torch.clamp(x + self.eps * direction / (_per_sample_norm(direction) + 1e-10), 0, 1)
 
 
@@ -97,7 +80,7 @@ def pgd(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: Adve
     try:
         with input_gradients_only(model):
             if cfg.method == "n_fgsm":
-                from fasttricks.n_fgsm import n_fgsm
+                from fasttricks.robust.n_fgsm import n_fgsm
 
                 return n_fgsm(model, images, targets, cfg, generator, use_autocast)
             return _attack(model, images, targets, cfg, generator, use_autocast)
@@ -150,7 +133,7 @@ def describe_eps(cfg: AdversarialConfig) -> str:
 def parse_attack(spec: str) -> AdversarialConfig | AutoAttackConfig:
     """``norm:eps:steps`` (e.g. ``linf:8/255:20``, ``l2:3.0:20``): PGD with step size 2.5·ε/steps
     (Madry et al.'s rule), random start, as the evaluation standard uses. ``autoattack:norm:eps``
-    (e.g. ``autoattack:linf:4/255``): AutoAttack's standard version (fasttricks/autoattack.py)."""
+    (e.g. ``autoattack:linf:4/255``): AutoAttack's standard version (fasttricks/robust/autoattack.py)."""
     if spec.startswith("autoattack"):
         try:
             _, norm, eps = spec.split(":")

@@ -15,20 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttricks.devices import autocast
 from fasttricks.recipes import AdversarialConfig
+from fasttricks.runtime.devices import autocast
 
 
 def n_fgsm(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, cfg: AdversarialConfig,
            generator, use_autocast: bool) -> torch.Tensor:
     """The N-FGSM example of ``images`` (called by ``adversarial.pgd`` inside its mode and gradient
     guards, which dispatches on ``cfg.method``)."""
-    from fasttricks.adversarial import _noise_like  # the draw order every attack shares
+    from fasttricks.robust.noise import noise_like  # the draw order every attack shares
 
     x = images.detach()
     half_width = torch.full((), cfg.noise_factor * cfg.eps, device=x.device, dtype=x.dtype)
     alpha = torch.full((), cfg.step_size, device=x.device, dtype=x.dtype)
-    start = torch.clamp(x + _noise_like(x, "uniform", generator) * half_width, 0, 1).requires_grad_(True)
+    start = torch.clamp(x + noise_like(x, "uniform", generator) * half_width, 0, 1).requires_grad_(True)
     with autocast(x.device) if use_autocast else nullcontext():
         loss = F.cross_entropy(model(start).float(), targets, reduction="sum")
     (grad,) = torch.autograd.grad(loss, [start])

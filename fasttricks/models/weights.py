@@ -1,100 +1,26 @@
-"""Models: timm networks by name, wrapped so that they take [0, 1] images and normalise
-themselves (the attack and the augmentations work in pixel space), and safe weight loading."""
+"""Weights files: which file a path stands for, safe reading (safetensors, or torch with
+``weights_only=True``), loading into a timm network with its architecture checked, and the
+``info`` (architecture, classes, frozen layers, test size) a file carries in its metadata."""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-import timm
 import torch
-from huggingface_hub import constants
-from huggingface_hub.errors import LocalEntryNotFoundError
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fasttricks.errors import InputError, UserError
+from fasttricks.atomic import atomic_path
+from fasttricks.errors import UserError
 from fasttricks.progress import console
-from fasttricks.recipes import ModelConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsError(UserError, ValueError):
     """A weights file that cannot be loaded into the model; the message says why."""
-
-
-class Classifier(nn.Module):
-    """``net((x - mean) / std)`` for x in [0, 1]. The mean and std are buffers that are not saved:
-    the saved state is the timm network's own, loadable by plain timm."""
-
-    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
-
-    def no_weight_decay(self) -> set[str]:
-        """timm's list (a ViT's pos_embed, cls_token...) under our prefix: the optimizer factory asks
-        the model it is given, and it is given this wrapper."""
-        inner = getattr(self.net, "no_weight_decay", None)
-        return {f"net.{name}" for name in inner()} if callable(inner) else set()
-
-
-def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Classifier:
-    """The timm model ``cfg.arch`` with ``num_classes`` outputs: random, from timm's pretrained
-    weights (``cfg.pretrained``) or from ``cfg.weights``. It normalises with ``mean``/``std`` when
-    given (a trained model's recorded ones), else with its pretrained config's."""
-    kwargs = {k: v for k, v in (("drop_rate", cfg.drop_rate), ("drop_path_rate", cfg.drop_path_rate))
-              if v is not None}
-    tagged = cfg.pretrained_name()
-    try:
-        net = _pretrained(cfg, tagged, num_classes, kwargs) if tagged else \
-            timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
-            raise InputError(f"model.arch / model.pretrained: timm has no model {tagged or cfg.arch!r} "
-                             f"(see timm.list_models() and timm.list_pretrained())") from None
-        raise
-    if cfg.weights and not tagged:  # with a tag, timm has read the file already
-        load_weights(net, cfg.weights)
-    pretrained = getattr(net, "pretrained_cfg", {}) or {}
-    return Classifier(net, mean or pretrained.get("mean", IMAGENET_MEAN), std or pretrained.get("std", IMAGENET_STD))
-
-
-class PretrainedUnavailable(WeightsError):
-    """Pretrained weights that are neither in the Hugging Face cache nor downloadable."""
-
-
-def _pretrained(cfg: ModelConfig, name: str, num_classes: int, kwargs: dict) -> nn.Module:
-    """timm's own loading of the tagged model ``name``: the hub and its cache, or the local file
-    ``cfg.weights`` through ``pretrained_cfg_overlay`` (timm then adapts the classifier and any
-    stem change as it would for downloaded weights, and reads the file with weights_only=True)."""
-    overlay = None
-    if cfg.weights:
-        path = weights_file(cfg.weights)
-        _check_architecture(cfg.arch, path)
-        overlay = {"file": str(path)}
-    try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
-                                 **kwargs)
-    except LocalEntryNotFoundError:
-        raise PretrainedUnavailable(
-            f"model.pretrained: the weights of {name} are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
-            f"and the hub cannot be reached (HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}); download them once "
-            f"where there is a network, or give the file: --set model.weights=FILE") from None
-
-
-def classifier_for(info: dict, weights: str | os.PathLike | None = None) -> Classifier:
-    """The model a trained run describes (``info`` from its weights), normalising as it was trained."""
-    return create_model(ModelConfig(arch=info["arch"], weights=str(weights) if weights else None),
-                        info["num_classes"], info.get("mean"), info.get("std"))
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -214,3 +140,64 @@ def _classifier_prefix(net: nn.Module) -> str | None:
     cfg = getattr(net, "pretrained_cfg", None) or {}
     name = cfg.get("classifier")
     return name if isinstance(name, str) else None
+
+
+class WriteFault(UserError, OSError):
+    """A file could not be written (a full disk, a quota, an I/O error); what was there is kept."""
+
+
+@contextmanager
+def writing(path: Path):
+    """Turn the ways a write fails (OSError, safetensors' and torch.save's own errors, which wrap
+    the system's message) into one ``WriteFault`` naming ``path``."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as e:
+        if isinstance(e, WriteFault) or (isinstance(e, RuntimeError) and "writ" not in str(e).lower()):
+            raise  # a RuntimeError that is not about writing is a bug: its traceback is wanted
+        raise WriteFault(f"could not write {path}: {str(e).strip()[:300]}") from None
+
+
+def save_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
+    """The network's tensors with ``info`` (JSON) in the safetensors metadata, atomically."""
+    with writing(Path(path)):
+        write_weights(path, net, info)
+
+
+def write_weights(path: str | os.PathLike, net: nn.Module, info: dict) -> None:
+    """``save_weights`` without its ``WriteFault`` wrapping, for a caller that wraps a larger write."""
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"fasttricks": json.dumps(info)})
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The ``info`` saved with ``save_weights``."""
+    path = weights_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise WeightsError(f"{path} is not a safetensors file: {e}") from None
+    if "fasttricks" not in meta:
+        raise WeightsError(f"{path} was not written by fasttricks (no model description in its metadata)")
+    return json.loads(meta["fasttricks"])
+
+
+def update_info(path: str | os.PathLike, changes: dict) -> dict:
+    """Rewrite a weights file's ``info`` with ``changes`` merged in (atomically); returns it."""
+    info = {**read_info(path), **changes}
+    with atomic_path(path) as tmp:
+        save_file(load_file(str(path)), str(tmp), metadata={"fasttricks": json.dumps(info)})
+    return info
+
+
+def check_data_fits(info: dict, weights: str | os.PathLike, data_dir: str | os.PathLike) -> None:
+    """The data's class list is the one the model was trained on (older files record only the count)."""
+    from fasttricks.data.classes import ClassListError, check_model_classes, data_classes
+
+    classes = data_classes(data_dir)
+    if "classes" in info:
+        check_model_classes(info["classes"], weights, classes, data_dir)
+    elif info["num_classes"] != len(classes):
+        raise ClassListError(f"{weights} has {info['num_classes']} classes but {data_dir} has {len(classes)}")

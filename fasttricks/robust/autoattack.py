@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from fasttricks.data.loader import ValLoader
-from fasttricks.distributed import dist_info, sum_over_ranks
 from fasttricks.errors import UserError
 from fasttricks.recipes import AutoAttackConfig
-from fasttricks.seeding import AUTOATTACK, stream_seed
+from fasttricks.runtime.distributed import dist_info, sum_over_ranks
+from fasttricks.runtime.seeding import AUTOATTACK, stream_seed
 
 CHUNK = 100  # images per torchattacks call; part of the figure's definition (see the module doc)
 TARGETS = 9  # target classes of APGD-T and FAB-T in the standard version

@@ -50,7 +50,7 @@ def saved_recipe(out: Path) -> recipes.Recipe:
 def is_run(out: Path) -> bool:
     """A folder holds a run once it has a checkpoint or a final model. One that failed before its
     first checkpoint (config.yaml, environment.json only) is not one: a retry takes it over."""
-    from fasttricks.checkpoint import list_checkpoints
+    from fasttricks.runs.checkpoint import list_checkpoints
 
     return (out / "final.safetensors").is_file() or bool(list_checkpoints(out))
 
@@ -229,3 +229,18 @@ def truncate_metrics(out: Path, keep: Callable[[dict], bool]) -> None:
     """Keep the rows ``keep`` accepts: a resumed run rewrites what came after its checkpoint."""
     rows = [r for r in read_metrics(out) if keep(r)]
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def writer_pid(run: Path) -> int | None:
+    """The pid of the process writing ``run`` (it holds RUN/.lock), or None."""
+    path = run / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only when no writer holds it
+        except BlockingIOError:
+            text = f.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None  # a lock file left by a killed run
