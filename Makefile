@@ -13,8 +13,9 @@ demo: $(STAMP)
 	$(VENV)/bin/fasttricks train --recipe winner --data toy --override pipelines/overrides/toy-winner.yaml \
 		--out runs/demo --overwrite
 
+# Both cores: two pytest processes, whole modules each, the slowest first (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=12
+	$(PY) -m pytest -q --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
 # The tests whose behaviour depends on a dependency's version, at the lower bounds pyproject.toml
 # allows (constraints-min.txt, every dependency): .venv-min/ sees .venv's packages (a .pth file)

@@ -22,7 +22,21 @@ SMALL_TOY = ToyOptions(seed=0, size=48, train_per_class=40, val_per_class=10, cl
 LEARNING_TOY = ToyOptions(seed=0, size=48, train_per_class=160, val_per_class=10, clutter_per_class=10)
 
 
+# `make test` runs the suite on two processes, a module to each in turn (pytest-xdist, --dist loadfile);
+# the slowest modules go first, so that the two finish together rather than one waiting on the last
+# long module (measured with --durations; tests/README.md).
+SLOWEST_FIRST = ("test_winner.py", "test_train.py", "test_distributed.py", "test_compile.py", "test_autoattack.py",
+                 "test_syncguard.py", "test_fast_at.py", "test_run_format.py", "test_follow.py", "test_guard.py",
+                 "test_fixres.py", "test_loader.py", "test_watch.py", "test_runs.py", "test_sam.py", "test_heavy.py")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one thread each, not two apiece competing
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
