@@ -151,8 +151,8 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
         loss_sum += mid_epoch.loss_sum
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # the first non-finite loss, without a sync
     run.model.train()
-    with EpochLog(run, s, stage, epoch, res, steps, start, *((mid_epoch.seen, mid_epoch.seconds) if mid_epoch else ())
-                  ) as log:
+    seen, seconds = (mid_epoch.seen, mid_epoch.seconds) if mid_epoch else (0, 0.0)
+    with EpochLog(run, s, stage, epoch, res, steps, start, seen, seconds) as log:
         for step, (images, labels) in enumerate(loader.epoch(epoch_key, res, start), start=start):
             for group in optimizer.param_groups:
                 group["lr"] = stage.peak_lr() * lr_factor(stage.schedule, epoch + step / steps, stage.epochs)
@@ -190,8 +190,8 @@ def _run_epoch(run: Run, s: int, stage: StageConfig, epoch: int, loader: TrainLo
 
 def _restore(run: Run) -> RunState | None:
     """The newest checkpoint of the run folder into the run; metrics rows written after it dropped.
-    Returns its state when its stage continues (at a stage's end the next starts afresh: its own
-    optimizer, the RNG continuing)."""
+    Returns its state (None: no checkpoint). At a stage's end the next stage starts afresh, with its
+    own optimizer and the RNG continuing: the state returned then holds the position alone."""
     found = list_checkpoints(run.out)
     if not found:
         console.print(f"[yellow]no checkpoint in {run.out}: starting from the beginning")
