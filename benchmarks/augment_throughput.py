@@ -75,6 +75,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5 if cuda else 3)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                    help="also time the augmentation compiled (torch.compile, one graph); default on CUDA")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend (aot_eager: the CPU rehearsal of the GPU suite)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
@@ -106,7 +108,7 @@ def main() -> None:
     ours = batched_step(augment)
     batched = rate(ours)
     # as train runs it on CUDA: the augmentation one compiled graph
-    compiled_rate = rate(batched_step(augment.compiled())) if args.compile else None
+    compiled_rate = rate(batched_step(augment.compiled(args.compile_backend))) if args.compile else None
 
     # albumentations, per sample in worker processes
     loader = torch.utils.data.DataLoader(_Images(images), batch_size=args.batch_size, num_workers=args.workers,

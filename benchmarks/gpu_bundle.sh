@@ -16,14 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-.gpu-bundle}
-find_py312() {
-  for c in "${PY312:-}" python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python; do
-    [ -n "$c" ] && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$c"; return; }
-  done
-  echo "gpu_bundle: needs a Python 3.12 interpreter to build FFCV for the GPU machine; set PY312=/path/to/python3.12" >&2
-  exit 2
-}
-PY312=$(find_py312)
+source benchmarks/py312.sh
 # pinned as CI pins them (a few are source-only: pip builds their pure-Python wheels)
 PACKAGES=(kornia kornia_rs pydantic pydantic_core annotated-types typing-inspection robustness pytorch_optimizer
           albumentations qudida assertpy terminaltables fastargs)
@@ -41,5 +34,6 @@ pins=(); for p in "${PACKAGES[@]}"; do pins+=("$(pin "$p")"); done
 "$WORK/venv/bin/pip" wheel -q --no-deps --no-build-isolation --no-binary ffcv "$(pin ffcv)" -w "$WORK/ffcv"
 PATH="$WORK/venv/bin:$PATH" auditwheel repair --plat manylinux_2_35_x86_64 -w "$WORK/wheels" "$WORK"/ffcv/ffcv-*.whl 2>&1 | grep -v "^INFO" || true
 # replaced whole, so that a half-built bundle never travels
+cat constraints.txt benchmarks/gpu_bundle.sh | sha1sum | cut -c1-12 > "$WORK/wheels/.source"
 rm -rf "$OUT.tmp" && mv "$WORK/wheels" "$OUT.tmp" && rm -rf "$OUT" && mv "$OUT.tmp" "$OUT"
 echo "gpu_bundle: $(ls "$OUT" | wc -l) wheels, $(du -sh "$OUT" | cut -f1), in $OUT/"

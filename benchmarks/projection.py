@@ -1,25 +1,26 @@
-"""Projected ImageNet training hours of `winner` and `winner-fast` from measured training-step rates,
-with every term of the sum written out (results/projection-<machine>.json and the console).
+"""Projected ImageNet training hours of `winner`, `winner-fast` and `winner-pretrained` from measured
+training-step rates, with every term of the sum written out (results/projection-<machine>.json and
+the console).
 
-The rates come from a `train_step_throughput.py` results file (default: the lent H100's, eager,
-EfficientNet-B1 at 240, batch 192, loader-fed): PGD-k steps for k = 0, 1, 3 at one resolution.
-From them:
-- a PGD-k epoch at resolution r takes 1,281,167 / (rate_k × (R / r)²) seconds, R the measured
-  resolution: the cost of a step taken as proportional to its pixels (an assumption: a GPU is
-  less busy at small sizes, so the low-resolution epochs are if anything slower than this says);
-- an N-FGSM step is taken at PGD-1's rate (the same two passes; N-FGSM also draws its noise and
-  skips the projection);
-- the behaviour stage at the plain step's rate with augmentation (rate_0 of the augmented file when
-  given, else the plain one; its frozen first half makes the real step cheaper);
-- the guard: each epoch of a guarded stage, PGD-10 on its images at the recipe's test crop, taken
-  at 11/4 of a PGD-3 step's cost per image;
-- left out: evaluation, averaging's BN recalibration, the FixRes sweep (minutes, in both recipes).
-
-The measured alternative is `train_step_throughput.py --rows projection` on the GPU (in `make
-bench-gpu`), which times each resolution of each recipe itself.
+The rates come from a `train_step_throughput.py` results file: its ``step`` rows (plain, PGD-3 and
+N-FGSM steps at one resolution, eager and compiled: what `make bench-gpu` measures), or, in files
+from before those rows (the lent H100's of 2026-11-22, eager, EfficientNet-B1 at 240, batch 192,
+the default), its ``pgd`` rows for k = 0, 1, 3. From them:
+- a step at resolution r costs its pixels: rate(r) = rate(R) × (R / r)², R the measured resolution
+  (an assumption: a GPU is less busy at small sizes, so the low-resolution epochs are if anything
+  slower than this says);
+- PGD-k for a k not measured: PGD-3's rate × 4 / (k + 1) (k + 1 forward-backward passes);
+  N-FGSM, in the older files: PGD-1's rate (the same two passes; N-FGSM also draws its noise);
+- the adversarial stages' rates times the loader saturation of the robust stage (the ``pgd`` row
+  at k = 3, fed and augmented against synthetic), when the file has it;
+- the behaviour stage: the plain step's rate times the behaviour row's saturation (its loader,
+  heavy augmentation and Foreground-CutMix), or the augmented file's plain loader-fed rate in the
+  older files; its frozen first half makes the real step cheaper than this;
+- the guard: each epoch of a guarded stage, PGD-10 on its images at the recipe's test crop;
+- left out: evaluation, averaging's BN recalibration, the FixRes sweep (minutes, in each recipe).
 
     python benchmarks/projection.py
-    python benchmarks/projection.py --rates results/train_step_throughput-NVIDIA-H100-80GB-HBM3.json
+    python benchmarks/projection.py --rates results/train_step_throughput-NVIDIA-H200.json
 """
 
 from __future__ import annotations
@@ -38,28 +39,50 @@ from common import RESULTS  # noqa: E402
 IMAGENET_TRAIN = 1_281_167
 DEFAULT_RATES = RESULTS / "train_step_throughput-NVIDIA-H100-80GB-HBM3.json"
 DEFAULT_AUGMENTED = RESULTS / "train_step_throughput-NVIDIA-H100-80GB-HBM3-augmented.json"
-GOALS = {"winner-fast": 7.0}  # hours (issue #23)
+RECIPES = ("winner", "winner-fast", "winner-pretrained")
+GOALS = {"winner": 10.0, "winner-fast": 7.0, "winner-pretrained": 5.0}  # hours on one H100 (#13, #23, #31)
 
 
-def measured_rates(path: Path) -> tuple[dict[int, float], int, str]:
-    """PGD steps -> loader-fed images/s, the resolution they were measured at, and the machine."""
-    report = json.loads(path.read_text())
-    rates = {r["pgd_steps"]: r["images_per_s_loader_fed"] for r in report["results"] if "pgd_steps" in r
-             and r.get("row", "pgd") == "pgd"}
-    return rates, report["settings"]["res"], report["machine"].get("gpu") or report["machine"].get("machine")
+def step_rates(report: dict, augmented: dict | None = None) -> dict[str, dict]:
+    """{mode: {"plain", "pgd-3", "n-fgsm", "behaviour", "saturation"}} in images/s at the measured
+    resolution, from either format of a train_step_throughput results file."""
+    rows = report["results"]
+    steps = [r for r in rows if r.get("row") == "step"]
+    pgd3 = next((r for r in rows if r.get("row") == "pgd" and r.get("pgd_steps") == 3 and "saturation" in r), None)
+    behaviour = next((r for r in rows if r.get("row") == "behaviour"), None)
+    if steps:
+        out = {}
+        for mode in sorted({r["mode"] for r in steps}):
+            rates = {r["method"]: r["images_per_s"] for r in steps if r["mode"] == mode}
+            if {"plain", "pgd-3", "n-fgsm"} <= rates.keys():
+                out[mode] = {**rates, "saturation": pgd3["saturation"] if pgd3 else 1.0,
+                             "behaviour": rates["plain"] * (behaviour["saturation"] if behaviour else 1.0)}
+        return out
+    # before the step rows: loader-fed PGD-k rates, eager
+    pgd = {r["pgd_steps"]: r["images_per_s_loader_fed"] for r in rows
+           if "pgd_steps" in r and r.get("row", "pgd") == "pgd"}
+    plain_augmented = augmented and next(r["images_per_s_loader_fed"] for r in augmented["results"]
+                                         if r.get("pgd_steps") == 0)
+    return {"eager": {"plain": pgd[0], "pgd-3": pgd[3], "n-fgsm": pgd[1], "saturation": 1.0,
+                      "behaviour": plain_augmented or pgd[0]}}
 
 
-def stage_terms(recipe_name: str, rates: dict[int, float], res_measured: int, behaviour_rate: float) -> list[dict]:
-    """One term per (stage, resolution): epochs, the rate used and its seconds."""
+def measured_res(report: dict) -> int:
+    step = next((r for r in report["results"] if r.get("row") == "step"), None)
+    return step["res"] if step else report["settings"]["res"]
+
+
+def stage_terms(recipe_name: str, rates: dict, res_measured: int) -> list[dict]:
+    """One term per (stage, resolution): epochs, the rate used and its hours."""
     recipe, terms = load_recipe(recipe_name), []
     for stage in recipe.stages:
         adv = stage.adversarial
         if adv is None:
-            kind, base = "behaviour (plain, augmented)", behaviour_rate
+            kind, base = "behaviour (plain step x its saturation)", rates["behaviour"]
         elif adv.method == "n_fgsm":
-            kind, base = "N-FGSM (at PGD-1's rate)", rates[1]
+            kind, base = "N-FGSM", rates["n-fgsm"] * rates["saturation"]
         else:
-            kind, base = f"PGD-{adv.steps}", rates[adv.steps]
+            kind, base = f"PGD-{adv.steps}", rates["pgd-3"] * 4 / (adv.steps + 1) * rates["saturation"]
         epochs_at: dict[int, int] = {}
         for e in range(stage.epochs):
             res = resolution_at(stage.resolution, e)
@@ -70,40 +93,53 @@ def stage_terms(recipe_name: str, rates: dict[int, float], res_measured: int, be
                           "hours": round(n * IMAGENET_TRAIN / rate / 3600, 3)})
         if adv is not None and adv.guard is not None:
             crop = recipe.data.val_crop
-            rate = rates[3] * 4 / (adv.guard.steps + 1) * (res_measured / crop) ** 2
+            rate = rates["pgd-3"] * 4 / (adv.guard.steps + 1) * (res_measured / crop) ** 2
             terms.append({"stage": stage.name, "method": f"guard: PGD-{adv.guard.steps} on {adv.guard.images} images",
                           "res": crop, "epochs": stage.epochs, "images_per_s": round(rate, 1),
                           "hours": round(stage.epochs * adv.guard.images / rate / 3600, 3)})
     return terms
 
 
+def project(report: dict, augmented: dict | None = None) -> dict:
+    """{mode: {recipe: {"terms", "hours", "goal_hours"}}} for every mode the file measured."""
+    res = measured_res(report)
+    return {mode: {name: {"terms": (terms := stage_terms(name, rates, res)),
+                          "hours": round(sum(t["hours"] for t in terms), 2), "goal_hours": GOALS.get(name)}
+                   for name in RECIPES}
+            for mode, rates in step_rates(report, augmented).items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", type=Path, default=DEFAULT_RATES)
-    p.add_argument("--augmented", type=Path, default=DEFAULT_AUGMENTED,
-                   help="a results file measured with augmentation: its plain step's rate for the behaviour stage")
+    p.add_argument("--augmented", type=Path, default=None,
+                   help="older files: one measured with augmentation, its plain step's rate for the behaviour "
+                        "stage (default: the H100's beside the default --rates)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
-    rates, res, machine = measured_rates(a.rates)
-    behaviour = measured_rates(a.augmented)[0][0] if a.augmented.is_file() else rates[0]
-    report = {"question": "ImageNet training hours of winner and winner-fast from measured step rates",
-              "rates_file": a.rates.name, "machine": machine, "measured_at_res": res,
-              "rates_images_per_s": rates, "behaviour_images_per_s": behaviour, "images": IMAGENET_TRAIN,
-              "excluded": "evaluation, averaging's BN recalibration, the FixRes sweep", "recipes": {}}
-    for name in ("winner", "winner-fast"):
-        terms = stage_terms(name, rates, res, behaviour)
-        total = sum(t["hours"] for t in terms)
-        report["recipes"][name] = {"terms": terms, "hours": round(total, 2), "goal_hours": GOALS.get(name)}
-        print(f"{name}:")
-        for t in terms:
-            print(f"  {t['stage']:<13} {t['method']:<34} {t['res']:>3} px x{t['epochs']:>2} epochs at "
-                  f"{t['images_per_s']:>7.1f} img/s = {t['hours']:6.3f} h")
-        print(f"  total {total:.2f} h" + (f" (goal <= {GOALS[name]} h)" if name in GOALS else ""))
-    fast, slow = (report["recipes"][n]["hours"] for n in ("winner-fast", "winner"))
-    report["ratio_winner_fast_to_winner"] = round(fast / slow, 3)
-    out = a.out or RESULTS / f"projection-{machine.replace(' ', '-')}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"winner-fast / winner = {fast / slow:.3f}; wrote {out}")
+    if not a.rates.is_file():
+        p.error(f"--rates {a.rates}: no such file (a train_step_throughput.py results file)")
+    report = json.loads(a.rates.read_text())
+    augmented_path = a.augmented or (DEFAULT_AUGMENTED if a.rates == DEFAULT_RATES else None)
+    augmented = json.loads(augmented_path.read_text()) if augmented_path and augmented_path.is_file() else None
+    machine = report["machine"].get("gpu") or report["machine"].get("machine") or report["machine"].get("device")
+    projected = project(report, augmented)
+    for mode, recipes in projected.items():
+        for name, r in recipes.items():
+            print(f"{name} ({mode} rates):")
+            for t in r["terms"]:
+                print(f"  {t['stage']:<16} {t['method']:<40} {t['res']:>3} px x{t['epochs']:>2} epochs at "
+                      f"{t['images_per_s']:>7.1f} img/s = {t['hours']:6.3f} h")
+            goal = r["goal_hours"]
+            print(f"  total {r['hours']:.2f} h" + (f" (goal <= {goal} h: {'met' if r['hours'] <= goal else 'MISSED'})"
+                                                   if goal else ""))
+    out = a.out or RESULTS / f"projection-{str(machine).replace(' ', '-')}.json"
+    out.write_text(json.dumps({"question": "ImageNet training hours of each recipe from measured step rates",
+                               "rates_file": a.rates.name, "machine": machine, "measured_at_res": measured_res(report),
+                               "rates_images_per_s": step_rates(report, augmented), "images": IMAGENET_TRAIN,
+                               "excluded": "evaluation, averaging's BN recalibration, the FixRes sweep",
+                               "projection": projected}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

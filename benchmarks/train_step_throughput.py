@@ -6,6 +6,8 @@ Rows (``--rows``, comma-separated):
 - ``pgd``: k = --pgd-steps PGD steps, (a) fed by the real FFCV loader + heavy augmentation and
   Foreground-CutMix on the device (--no-augment: loader only) against (b) one synthetic batch
   already on the device. (a)/(b) is the saturation: 1.0 means the input pipeline is free.
+- ``steps``: plain, PGD-3 and N-FGSM training steps on one synthetic batch, each eager and then
+  compiled (the figures ``make bench-gpu`` sets against its goals and projects recipes from).
 - ``compile``: PGD-3 on the synthetic batch, eager against torch.compile.
 - ``behaviour``: the winner recipe's second stage as it runs (first half frozen, Adam, heavy
   augmentation + Foreground-CutMix, its resolution and batch, bf16 autocast on CUDA): fed +
@@ -55,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag, make_jpeg_folder, timed  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
-ROWS = ("pgd", "one_step", "compile", "behaviour", "projection")
+ROWS = ("steps", "pgd", "one_step", "compile", "behaviour", "projection")
 
 
 def parse_args(cuda: bool) -> argparse.Namespace:
@@ -66,11 +68,15 @@ def parse_args(cuda: bool) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256 if cuda else 32, help="of the pgd and compile rows")
     p.add_argument("--pgd-steps", default="0,1,3,7")
     p.add_argument("--steps", type=int, default=30 if cuda else 6, help="timed steps per setting and path")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, cudnn autotuning)")
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="heavy augmentation + Foreground-CutMix in the fed path of the pgd rows")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the model in the pgd, behaviour and projection rows; auto: on CUDA")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend; aot_eager traces as inductor does without generating code "
+                        "(the CPU rehearsal of the GPU suite: it checks the graphs, not their speed)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     unknown = set(args.rows.split(",")) - set(ROWS)
@@ -87,15 +93,18 @@ class Bench:
         torch.manual_seed(0)
         self.model = create_model(ModelConfig(arch=args.arch), 1000).to(device).to(memory_format=torch.channels_last)
         self.compile = compile_enabled({"auto": None, "on": True, "off": False}[args.compile], device)
-        self.compiled = torch.compile(self.model) if self.compile else self.model
+        self.compiled = self.compiled_twin() if self.compile else self.model
         self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         self.betons: dict[int, Path] = {}
         self.epoch = 0
 
+    def compiled_twin(self) -> nn.Module:
+        return torch.compile(self.model, backend=self.args.compile_backend)
+
     def heavy(self, cfg) -> nn.Module:
         """The heavy augmentation, compiled when the model is (as train does)."""
         augment = HeavyAugmentation(cfg).to(self.device)
-        return augment.compiled() if self.compile else augment
+        return augment.compiled(self.args.compile_backend) if self.compile else augment
 
     def synthetic(self, batch: int, res: int):
         return (torch.rand(batch, 3, res, res, device=self.device).contiguous(memory_format=torch.channels_last),
@@ -103,7 +112,7 @@ class Bench:
 
     def loader(self, batch: int, res: int) -> TrainLoader:
         """A beton of photo-like JPEGs stored at 1.2x ``res``, enough for one timed pass."""
-        n = batch * (self.args.steps + 6)
+        n = batch * (self.args.steps + self.args.warmup + 3)
         if res not in self.betons:
             t = time.perf_counter()
             folder = make_jpeg_folder(self.tmp / f"images{res}", n, int(res * 1.2))
@@ -115,8 +124,8 @@ class Bench:
                            workers=self.args.workers)
 
     def rate(self, model, stage: StageConfig, batches, *, tricks: StageConfig | None = None,
-             heavy: nn.Module | None = None, optimizer=None, warmup: int = 3) -> float:
-        """Images/s of ``--steps`` training steps on ``batches`` after ``warmup`` untimed ones."""
+             heavy: nn.Module | None = None, optimizer=None) -> float:
+        """Images/s of ``--steps`` training steps on ``batches`` after ``--warmup`` untimed ones."""
         optimizer = optimizer or create_optimizer(self.model, stage.optimizer)
 
         def run(n: int) -> int:
@@ -130,7 +139,7 @@ class Bench:
                 seen += labels.shape[0]
             return seen
 
-        run(warmup)
+        run(self.args.warmup)
         return timed(lambda: run(self.args.steps), self.device)
 
     def fed(self, batch: int, res: int):
@@ -177,10 +186,31 @@ def one_step_rows(b: Bench) -> list[dict]:
     return rows
 
 
+STEP_METHODS = {"plain": None, "pgd-3": AdversarialConfig(eps=8 / 255, steps=3),
+                "n-fgsm": AdversarialConfig(method="n_fgsm", eps=8 / 255)}
+
+
+def step_rows(b: Bench, save) -> None:
+    """Each of STEP_METHODS on one synthetic batch, eager then compiled: one row each, saved as it
+    ends (eager first: a time limit reached while compiling still leaves every eager figure)."""
+    a = b.args
+    batch = itertools.repeat(b.synthetic(a.batch_size, a.res))
+    compiled = b.compiled if b.compile else b.compiled_twin()
+    for mode, model in (("eager", b.model), ("compiled", compiled)):
+        for method, adv in STEP_METHODS.items():
+            stage = StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.01), adversarial=adv)
+            row = {"row": "step", "method": method, "mode": mode, "arch": a.arch, "res": a.res,
+                   "batch_size": a.batch_size, "images_per_s": round(b.rate(model, stage, batch), 1)}
+            if mode == "compiled":
+                row["compile_backend"] = a.compile_backend
+            print(row, flush=True)
+            save(row)
+
+
 def compile_row(b: Bench) -> dict:
     a = b.args
     batch = itertools.repeat(b.synthetic(a.batch_size, a.res))
-    compiled = b.compiled if b.compile else torch.compile(b.model)
+    compiled = b.compiled if b.compile else b.compiled_twin()
     eager = b.rate(b.model, pgd_stage(3), batch)
     fast = b.rate(compiled, pgd_stage(3), batch)
     row = {"row": "compile", "pgd_steps": 3, "res": a.res, "images_per_s_eager": round(eager, 1),
@@ -192,7 +222,8 @@ def compile_row(b: Bench) -> dict:
 def behaviour_row(b: Bench) -> dict:
     """Freezes the shared model's first half: run it last."""
     stage = load_recipe("winner").stages[1]
-    res, batch = resolution_at(stage.resolution, 0), stage.batch_size if b.device.type == "cuda" else b.args.batch_size
+    cuda = b.device.type == "cuda"  # the recipe's own sizes on a GPU, the row's on the CPU
+    res, batch = (resolution_at(stage.resolution, 0), stage.batch_size) if cuda else (b.args.res, b.args.batch_size)
     freezing.freeze(b.model.net, freezing.resolve(b.model.net, stage.freeze))
     heavy = b.heavy(stage.augment)
     optimizer = create_optimizer(b.model, stage.optimizer)
@@ -292,6 +323,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="fasttricks-bench-") as tmp:
         b = Bench(args, device, Path(tmp))
+        if "steps" in wanted:
+            step_rows(b, save)
         if "compile" in wanted:
             save(compile_row(b))
         if "pgd" in wanted:

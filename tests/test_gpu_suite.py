@@ -1,33 +1,50 @@
-"""benchmarks/gpu_suite.py: the table states every goal against its measured figure, a missing
-figure as not measured (never as met), and the GPU tests it runs are all of them."""
+"""benchmarks/gpu_suite.py and projection.py: the table states every goal against its measured
+figure, a missing figure as not measured (never as met); the GPU tests it runs are all of them;
+its time limits keep `make bench-gpu` inside 8 minutes; the projection's arithmetic."""
 
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_suite  # noqa: E402
+import projection  # noqa: E402
+
+
+def _steps(rates: dict[tuple[str, str], float], res: int = 240) -> list[dict]:
+    return [{"row": "step", "method": m, "mode": mode, "res": res, "images_per_s": v} for (m, mode), v in rates.items()]
+
+
+def _rows(md: str) -> dict[str, str]:
+    return {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
 
 
 def test_the_table_compares_each_figure_with_its_goal_and_never_passes_a_missing_one():
     figures = {
         "train step": {"results": [{"row": "behaviour", "saturation": 0.96},
-                                   {"row": "compile", "images_per_s_compiled": 812.5},
-                                   {"row": "projection", "recipe": "winner", "hours": 9.4},
-                                   {"row": "projection", "recipe": "winner-fast", "hours": 7.3}]},
+                                   {"row": "pgd", "pgd_steps": 3, "saturation": 0.9},
+                                   *_steps({("pgd-3", "compiled"): 812.5, ("pgd-3", "eager"): 665.0})]},
         "augmentation": {"images_per_s_batched_compiled": None},
+        "projection": {"projection": {"eager": {"winner": {"hours": 9.4}, "winner-pretrained": {"hours": 5.2}},
+                                      "compiled": {"winner-fast": {"hours": 6.1}}}},
     }
     status = [{"part": "train step", "rc": 0, "seconds": 200.0}, {"part": "augmentation", "rc": "timeout",
-                                                                  "seconds": 75.0}]
-    md = gpu_suite.table(status, figures, "NVIDIA H100 80GB HBM3", "7 passed")
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in md.splitlines() if line.startswith("| ")}
-    assert rows["behaviour-stage saturation with augmentation"].endswith("| 0.96 | yes |")
-    assert rows["PGD-3 EfficientNet-B1 at 240, compiled (img/s)"].endswith("| 812.5 | no |")
-    assert rows["projected winner recipe on ImageNet (h)"].endswith("| 9.4 | yes |")  # a ceiling: ≤ 10
-    assert rows["projected winner-fast recipe on ImageNet (h)"].endswith("| 7.3 | no |")  # each recipe's own row
-    assert rows["heavy aug + F-CutMix at 224, compiled (img/s)"].endswith("| not measured | – |")
-    assert "| augmentation | timeout | 75.0 |" in md and "NVIDIA H100 80GB HBM3" in md
+                                                                  "seconds": 60.0}]
+    rows = _rows(gpu_suite.table(status, figures, "NVIDIA H200", "7 passed"))
+    assert rows["loader saturation, behaviour stage (fed + augmented / synthetic)"].endswith("| 0.96 | yes |")
+    assert rows["loader saturation, robust stage (PGD-3, fed + augmented / synthetic)"].endswith("| 0.9 | no |")
+    assert rows["PGD-3 step, compiled (img/s)"].endswith("| >= 1,000 | 812.5 | no |")
+    assert rows["PGD-3 step, eager (img/s)"].endswith("| – | 665.0 | – |")  # a figure without a goal
+    assert rows["projected winner on ImageNet, eager rates (h)"].endswith("| <= 10 | 9.4 | yes |")  # a ceiling
+    assert rows["projected winner-pretrained on ImageNet, eager rates (h)"].endswith("| <= 5 | 5.2 | no |")
+    assert rows["projected winner-fast on ImageNet, compiled rates (h)"].endswith("| <= 7 | 6.1 | yes |")
+    assert rows["projected winner-fast on ImageNet, eager rates (h)"].endswith("| not measured | – |")
+    assert rows["heavy aug + F-CutMix, compiled (img/s)"].endswith("| not measured | – |")
+    assert rows["augmentation"].endswith("| timeout | 60.0 |")
 
 
 def test_the_suite_runs_every_test_module_that_holds_gpu_tests():
@@ -35,3 +52,42 @@ def test_the_suite_runs_every_test_module_that_holds_gpu_tests():
     expected = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
                 if any(line.startswith("@pytest.mark.gpu") for line in p.read_text().splitlines())}
     assert listed == expected and "tests/test_syncguard.py" in listed
+
+
+def test_the_gpu_parts_time_limits_leave_the_install_inside_eight_minutes(tmp_path):
+    """The docstring's promise: the limits add up to 7 minutes, so that a lease's one call of
+    `make bench-gpu` with its ~30 s install ends inside 8 even when every part runs to its limit."""
+    size = gpu_suite.SIZES["gpu"]
+    names = [name for name, _, _ in gpu_suite.parts("NVIDIA-H200", tmp_path, size)]
+    assert names == list(size["limits"]) and sum(size["limits"].values()) <= 7 * 60
+    train_step = next(cmd for name, cmd, _ in gpu_suite.parts("t", tmp_path, size) if name == "train step")
+    assert train_step[train_step.index("--res") + 1] == "240" and "efficientnet_b1" in train_step
+
+
+def test_the_projection_reproduces_the_published_h100_hours_from_the_eager_rates_of_2026_11_22():
+    """The older file format (pgd rows, N-FGSM at PGD-1's rate) gives the figures the README
+    quotes, and winner-pretrained's under the same rates."""
+    report = json.loads(projection.DEFAULT_RATES.read_text())
+    augmented = json.loads(projection.DEFAULT_AUGMENTED.read_text())
+    hours = {name: r["hours"] for name, r in projection.project(report, augmented)["eager"].items()}
+    assert hours["winner"] == pytest.approx(15.36, abs=0.01)
+    assert hours["winner-fast"] == pytest.approx(10.80, abs=0.01)
+    assert hours["winner-pretrained"] == pytest.approx(4.40, abs=0.01)
+
+
+def test_the_projection_scales_each_step_rate_by_pixels_and_adds_the_behaviour_stage_at_its_saturation():
+    rates = {("plain", "eager"): 2000.0, ("pgd-3", "eager"): 600.0, ("n-fgsm", "eager"): 1200.0}
+    report = {"settings": {"res": 240}, "results": [*_steps(rates), {"row": "pgd", "pgd_steps": 3, "saturation": 0.5},
+                                                    {"row": "behaviour", "saturation": 0.8}]}
+    terms = projection.project(report)["eager"]["winner-pretrained"]["terms"]
+    at_192 = next(t for t in terms if t["res"] == 192)
+    assert at_192["images_per_s"] == pytest.approx(600 * 0.5 * (240 / 192) ** 2, abs=0.1)  # PGD-3, fed, 192 px
+    assert at_192["epochs"] == 3 and at_192["hours"] == pytest.approx(3 * 1_281_167 / at_192["images_per_s"] / 3600,
+                                                                      abs=1e-3)
+    behaviour = [t for t in terms if t["stage"] == "behaviour"]
+    assert len(behaviour) == 1 and behaviour[0]["images_per_s"] == pytest.approx(2000 * 0.8)
+    assert sum(t["epochs"] for t in terms if t["stage"] == "robust-finetune") == 8
+    fast = projection.project(report)["eager"]["winner-fast"]["terms"]
+    assert {t["method"] for t in fast} >= {"N-FGSM", "PGD-3", "guard: PGD-10 on 1024 images"}
+    nfgsm_224 = next(t for t in fast if t["method"] == "N-FGSM" and t["res"] == 224)
+    assert nfgsm_224["images_per_s"] == pytest.approx(1200 * 0.5 * (240 / 224) ** 2, abs=0.1)

@@ -184,10 +184,39 @@ def test_ablate_runs_a_folder_and_tabulates_it_like_the_paper(toy_data, tmp_path
 def test_a_fine_tuning_recipe_without_a_model_to_fine_tune_is_refused_before_any_file(toy_data, tmp_path):
     from fasttricks.recipes import RecipeError
 
-    for name in ("table1/1-baseline", "winner-resnet50"):
+    for name, toy in (("table1/1-baseline", "toy-finetune"), ("winner-resnet50", "toy-finetune"),
+                      ("winner-pretrained", "toy-winner-pretrained")):
         with pytest.raises(RecipeError, match=r"fine-tunes a trained model.*model.weights=FILE.*start=scratch"):
-            train(load_recipe(name, ["overrides/toy-finetune"]), toy_data, tmp_path / "r", show_progress=False)
+            train(load_recipe(name, [f"overrides/{toy}"]), toy_data, tmp_path / "r", show_progress=False)
         assert not (tmp_path / "r").exists()
+
+
+def test_winner_pretrained_fine_tunes_the_weights_it_is_given_then_runs_the_behaviour_stage(toy_data, winner_run,
+                                                                                             tmp_path):
+    """Its robust stage starts from the file: one fine-tuning epoch leaves the network near the
+    file's weights, far nearer than a random start is; the behaviour stage follows as the winner's."""
+    from fasttricks.models.factory import create_model
+    from fasttricks.recipes import ModelConfig
+
+    start = winner_run[0] / "final.safetensors"
+    recipe = load_recipe("winner-pretrained", ["overrides/toy-winner-pretrained"],
+                         [f"model.weights={start}", "data.val_resize=48", "data.val_crop=40", "stages.0.epochs=1",
+                          "stages.1.epochs=1", "stages.*.resolution={min: 40, max: 40}", "stages.1.average=null",
+                          "fixres=null", "evaluation.attack.steps=2"])
+    summary = train(recipe, toy_data, tmp_path / "r", show_progress=False)
+    given, tuned = _weights(start), _weights(tmp_path / "r" / "checkpoints" / "s0-e001" / "model.safetensors")
+    torch.manual_seed(1)
+    random = create_model(ModelConfig(arch="test_efficientnet"), 10).net.state_dict()
+    keys = [k for k in given if given[k].is_floating_point() and given[k].ndim > 1]  # the conv and linear weights
+
+    def distance(a):
+        return sum(float((a[k] - given[k]).norm()) for k in keys)
+
+    assert distance(tuned) < 0.5 * distance(random)
+    assert distance(tuned) > 0  # and it was trained
+    metrics = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in metrics if "epoch" in m] == ["robust-finetune", "behaviour"]
+    assert summary["val_robust_top1"] is not None
 
 
 def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_first(toy_data, tmp_path):

@@ -292,11 +292,12 @@ class HeavyAugmentation(nn.Module):
         self.register_buffer("lines", lines.clone(), persistent=False)
         self.register_buffer("line_offsets", offsets.long(), persistent=False)
 
-    def compiled(self) -> nn.Module:
+    def compiled(self, backend: str = "inductor") -> nn.Module:
         """The whole augmentation as one compiled graph (it has no break): inductor fuses the
         pointwise ops and draws the noise inside the kernels, so values differ from eager's, the
-        distribution does not."""
-        return torch.compile(self, fullgraph=True)
+        distribution does not. ``backend``: torch.compile's (the benchmarks' CPU rehearsal traces
+        with aot_eager)."""
+        return torch.compile(self, fullgraph=True, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, px = self.cfg, self.pixel_scale
