@@ -47,6 +47,21 @@ def test_the_table_compares_each_figure_with_its_goal_and_never_passes_a_missing
     assert rows["augmentation"].endswith("| timeout | 60.0 |")
 
 
+def test_the_suite_fails_only_when_a_figure_is_missing_never_for_a_missed_goal():
+    figures = {"train step": {"results": [{"row": "pgd", "pgd_steps": 3, "saturation": 0.5},
+                                          {"row": "behaviour", "saturation": 0.5},
+                                          *_steps({(m, mode): 1.0 for m in ("plain", "pgd-3", "n-fgsm")
+                                                   for mode in ("eager", "compiled")})]},
+               "augmentation": {"images_per_s_batched_compiled": 1.0, "images_per_s_batched_on_device": 1.0},
+               "projection": {"projection": {mode: {r: {"hours": 99.0} for r in ("winner", "winner-fast",
+                                                                                  "winner-pretrained")}
+                                             for mode in ("eager", "compiled")}}}
+    assert gpu_suite.verdict(figures) is None  # every goal missed, every figure there: status 0
+    del figures["augmentation"]
+    said = gpu_suite.verdict(figures)
+    assert said.startswith("gpu_suite: 2 figure(s) not measured") and "heavy aug + F-CutMix, compiled" in said
+
+
 def test_the_suite_runs_every_test_module_that_holds_gpu_tests():
     listed = set(gpu_suite.gpu_test_files())
     expected = {f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")
