@@ -10,7 +10,7 @@ the others' figures; a part that fails is a row saying so, never a figure. The b
 row as it ends and the table is rewritten after each part, so a run stopped at any point brings back
 what it measured. Results go to ``--results`` (default benchmarks/results/): each benchmark's JSON,
 one log, and ``gpu-suite-<device>.md`` / ``.json`` (the table, the parts, the packages it ran with).
-The exit status is 1 when any figure of the table is missing.
+The exit status is 1 when a part fails or a figure of the table is missing (never for a missed goal).
 
 Sizes (SIZES below). On the GPU: the figures at the recipes' own settings (EfficientNet-B1, 240 px,
 batch 256; augmentation at 224), 10 timed steps after 3 warm-up ones per figure (the slowest, eager
@@ -234,15 +234,18 @@ def main() -> None:
             {"device": device, "sizes": size, "packages": installed, "parts": status,
              "figures": figures_of(figures)}, indent=2) + "\n")
     print(md)
-    if not wanted:
-        sys.exit(verdict(figures))
+    sys.exit(verdict(figures, status, complete=not wanted))
 
 
-def verdict(figures: dict) -> str | None:
-    """The exit: None (status 0) when every figure of the table was measured, else a line naming
-    the missing ones (status 1). A goal missed is a figure, not a failure."""
-    missing = [r["figure"] for r in figures_of(figures) if r["value"] is None]
-    return f"gpu_suite: {len(missing)} figure(s) not measured: {'; '.join(missing)}" if missing else None
+def verdict(figures: dict, status: list[dict], complete: bool = True) -> str | None:
+    """The exit: None (status 0) when every part exited 0 and (``complete``) every figure of the
+    table was measured, else a line naming what failed (status 1). A goal missed is a figure, not a
+    failure."""
+    failed = [f"{s['part']} (exit {s['rc']})" for s in status if s["rc"] != 0]
+    missing = [r["figure"] for r in figures_of(figures) if r["value"] is None] if complete else []
+    said = ([f"{len(failed)} part(s) failed: {'; '.join(failed)}"] if failed else []) + \
+        ([f"{len(missing)} figure(s) not measured: {'; '.join(missing)}"] if missing else [])
+    return "gpu_suite: " + ". ".join(said) if said else None
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_the_table_compares_each_figure_with_its_goal_and_never_passes_a_missing
     assert rows["augmentation"].endswith("| timeout | 60.0 |")
 
 
-def test_the_suite_fails_only_when_a_figure_is_missing_never_for_a_missed_goal():
+def test_the_suite_fails_when_a_part_fails_or_a_figure_is_missing_never_for_a_missed_goal():
     figures = {"train step": {"results": [{"row": "pgd", "pgd_steps": 3, "saturation": 0.5},
                                           {"row": "behaviour", "saturation": 0.5},
                                           *_steps({(m, mode): 1.0 for m in ("plain", "pgd-3", "n-fgsm")
@@ -56,10 +56,14 @@ def test_the_suite_fails_only_when_a_figure_is_missing_never_for_a_missed_goal()
                "projection": {"projection": {mode: {r: {"hours": 99.0} for r in ("winner", "winner-fast",
                                                                                   "winner-pretrained")}
                                              for mode in ("eager", "compiled")}}}
-    assert gpu_suite.verdict(figures) is None  # every goal missed, every figure there: status 0
+    ran = [{"part": p, "rc": 0} for p in ("train step", "augmentation", "projection", "gpu tests")]
+    assert gpu_suite.verdict(figures, ran) is None  # every goal missed, every figure there: status 0
     del figures["augmentation"]
-    said = gpu_suite.verdict(figures)
+    said = gpu_suite.verdict(figures, ran)
     assert said.startswith("gpu_suite: 2 figure(s) not measured") and "heavy aug + F-CutMix, compiled" in said
+    assert gpu_suite.verdict(figures, ran, complete=False) is None  # --only: the parts asked for
+    ran[-1]["rc"] = 2  # a GPU test module that does not import
+    assert gpu_suite.verdict(figures, ran, complete=False) == "gpu_suite: 1 part(s) failed: gpu tests (exit 2)"
 
 
 def test_the_suite_runs_every_test_module_that_holds_gpu_tests():
