@@ -186,8 +186,7 @@ def one_step_rows(b: Bench) -> list[dict]:
     return rows
 
 
-STEP_METHODS = {"plain": None, "pgd-3": AdversarialConfig(eps=8 / 255, steps=3),
-                "n-fgsm": AdversarialConfig(method="n_fgsm", eps=8 / 255)}
+STEP_METHODS = {"plain": None, "pgd-3": ONE_STEP["pgd-3"], "n-fgsm": ONE_STEP["n-fgsm"]}
 
 
 def step_rows(b: Bench, save) -> None:
