@@ -23,3 +23,8 @@ class InputMissing(UserError, FileNotFoundError):
 
 class OutputExists(UserError, FileExistsError):
     """The output is already there and --overwrite was not given."""
+
+
+class OutputUnusable(UserError, OSError):
+    """A path named for output that cannot serve: a file where a folder is needed, a folder below a
+    file, a place this user may not write."""

@@ -129,8 +129,10 @@ def warp(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     v, u = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype) + 0.5,
                           torch.arange(w, device=x.device, dtype=x.dtype) + 0.5, indexing="ij")
     points = torch.stack((u, v, torch.ones_like(u)), -1).view(1, h * w, 3)
+    # scale by the inverse half-size, a product with Python numbers: torch.tensor([w / 2, h / 2],
+    # device=...) would be a host-to-device copy, which waits on CUDA (18 per step with the JSD loss)
     source = points @ matrix.to(x.dtype).transpose(1, 2)  # (B, HW, 2) in pixels
-    grid = source / torch.tensor([w / 2, h / 2], device=x.device, dtype=x.dtype) - 1
+    grid = torch.stack((source[..., 0] * (2 / w), source[..., 1] * (2 / h)), -1) - 1
     return F.grid_sample(x, grid.view(-1, h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

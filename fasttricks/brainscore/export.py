@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from fasttricks.atomic import make_folder
 from fasttricks.brainscore.layers import READOUT, candidate_layers, default_region_map
-from fasttricks.errors import UserError
+from fasttricks.errors import OutputUnusable, UserError
 from fasttricks.models.weights import WeightsError, read_info, weights_file
 from fasttricks.progress import console
 
@@ -103,6 +104,8 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
         info = read_info(weights)
     except WeightsError as e:
         raise ExportError(str(e)) from None
+    if out.exists() and not out.is_dir():
+        raise OutputUnusable(f"{out} is a file, not a folder: choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
     net = _network(info)
@@ -184,7 +187,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _write_folder(out: Path, config: dict, weights: Path, region_map: dict, overwrite: bool,
                   meta: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         name = config["identifier"]

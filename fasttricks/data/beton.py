@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from fasttricks.atomic import atomic_path, write_json
+from fasttricks.atomic import atomic_path, make_folder, write_json
 from fasttricks.data.manifest import BuildError, Manifest, manifest_path, read_manifest
 from fasttricks.progress import progress_bar
 
@@ -197,7 +197,7 @@ def build_beton(src: str | os.PathLike, out: str | os.PathLike, opts: BetonOptio
         raise BuildError(f"SRC {src} does not exist")
     if out.exists() and not overwrite:
         raise BuildError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     start = time.time()
     classes, samples = scan_image_folder(src, _classes_from(opts.classes_from))
     source_images = len(samples)

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fasttricks.errors import OutputExists
+from fasttricks.atomic import make_folder
+from fasttricks.errors import OutputExists, OutputUnusable
 from fasttricks.progress import progress_bar
 
 SPLITS = {"train": 0, "val": 1, "val_clutter": 2}
@@ -224,11 +225,13 @@ def make_toy(out: str | os.PathLike, opts: ToyOptions = ToyOptions(), *, overwri
     Written into a temporary sibling folder and renamed, so ``out`` is either complete or absent.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputUnusable(f"{out} is a file, not a folder: choose another output path")
     if out.exists():
         if not overwrite:
             raise OutputExists(f"{out} exists; pass --overwrite to replace it")
         shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         jobs = [(split, i) for split, n in opts.counts().items() for i in range(n * len(CLASSES))]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fasttricks.atomic import atomic_path, write_json, write_text
+from fasttricks.atomic import atomic_path, make_folder, write_json, write_text
 from fasttricks.data.loader import ValLoader
 from fasttricks.errors import InputError
 from fasttricks.evaluation.evaluate import as_row, evaluate_splits, val_loaders
@@ -106,7 +106,7 @@ def halves(loaders: dict[str, ValLoader]) -> tuple[dict[str, ValLoader], dict[st
 def write_curve(rows: list[dict], chosen: dict, out_dir: Path, *, train_crop: int | None = None,
                 title: str = "") -> tuple[Path, Path]:
     """``fixres.csv`` (one row per size) and ``fixres.png`` (top-1 against the test crop), atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()

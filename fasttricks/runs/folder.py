@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from fasttricks import recipes
-from fasttricks.atomic import write_json, write_text
+from fasttricks.atomic import make_folder, write_json, write_text
 from fasttricks.errors import UserError
 from fasttricks.progress import console
 
@@ -100,7 +100,7 @@ def prepare(out: Path, recipe: recipes.Recipe, *, resume: bool, overwrite: bool,
         console.print(f"[yellow]{out} holds no checkpoint: starting the run from the beginning")
     for p in contents:  # a replaced run, or one that never reached its first checkpoint
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     write_text(out / "config.yaml", recipes.dump(recipe))
     write_json(out / "environment.json", {**environment(), "data": str(Path(data_dir).resolve()) if data_dir else None})
     return recipe
@@ -137,7 +137,7 @@ def lock(out: Path):
     dies, so a lock file left by a killed run is stale and simply taken over. The owner removes
     the file when it ends, so a process that opened it just before may lock the removed file:
     it checks, after locking, that the file it holds is still the one at ``.lock``."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     path = out / LOCK_NAME
     with _locked(path, out) as f:
         f.seek(0)

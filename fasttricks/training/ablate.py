@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from fasttricks import recipes
-from fasttricks.atomic import write_json, write_text
+from fasttricks.atomic import make_folder, write_json, write_text
 from fasttricks.errors import InputError, InputMissing
 from fasttricks.progress import console
 from fasttricks.recipes import Recipe
@@ -139,7 +139,7 @@ def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=()
     _add_time_ratios(rows, [summaries[file] for file in files])
     result = {"folder": str(folder), "data": str(data_dir), "overrides": [str(o) for o in overrides],
               "sets": list(sets), "seeds": seeds, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown(rows))
     return result
