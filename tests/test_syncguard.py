@@ -1,6 +1,8 @@
 """No host sync between logging points (fasttricks/runtime/syncguard.py): the guard catches the operators
-that make the host wait, and whole training runs of each stage kind pass under it on the CPU."""
+that make the host wait and the tensors made from host data (a blocking copy on CUDA), and whole
+training runs of each stage kind pass under it on the CPU."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,23 @@ def test_the_guard_names_each_kind_of_sync(call, op):
         call(x)
     with no_host_sync():  # what a step does instead passes
         torch.where(x > 0.5, x, 0).sum()
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda x: x * torch.tensor([2.0, 3.0, 4.0]), "torch.tensor"),
+    (lambda x: x + torch.as_tensor([1.0, 2.0, 3.0], device=x.device), "torch.as_tensor"),
+    (lambda x: x.new_tensor([0.5]), "Tensor.new_tensor"),
+    (lambda x: torch.asarray(np.ones(3, np.float32), device=x.device), "torch.asarray"),
+    (lambda x: torch.distributions.Gamma(x, 1.0, validate_args=False).sample(), "torch.tensor"),  # a library's, from a Python rate
+])
+def test_the_guard_names_a_tensor_made_from_host_data(call, name):
+    """On CUDA each is a blocking copy from pageable host memory; on the CPU only a constructor, so
+    the guard sees the call itself."""
+    x = torch.rand(3) + 0.1
+    with pytest.raises(HostSyncError, match=f"{name} makes a tensor from host data.*called from"), no_host_sync():
+        call(x)
+    with no_host_sync():  # made on the device instead
+        x * torch.full((), 2.0, device=x.device) + torch.distributions.Gamma(x, torch.ones_like(x), validate_args=False).sample()
 
 
 SMALL = ["stages.0.epochs=4", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32"]

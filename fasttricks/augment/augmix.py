@@ -52,8 +52,9 @@ class Draws:
 def draw(batch: int, cfg: AugMixConfig, device: torch.device) -> Draws:
     """Draws for ``batch`` images from torch's RNG on ``device`` (seeded by the caller)."""
     slots = (batch, cfg.width, cfg.depth[1])
-    gamma = torch.distributions.Gamma(torch.full((batch, cfg.width + 2), cfg.alpha, device=device), 1.0,
-                                      validate_args=False).sample()
+    concentration = torch.full((batch, cfg.width + 2), cfg.alpha, device=device)
+    # the rate as a device tensor: a Python 1.0 would become torch.tensor(1.0, device), a blocking copy
+    gamma = torch.distributions.Gamma(concentration, torch.ones_like(concentration), validate_args=False).sample()
     weights = gamma[:, :cfg.width] / gamma[:, :cfg.width].sum(1, keepdim=True)  # Dirichlet from Gammas
     m = gamma[:, -2] / (gamma[:, -2] + gamma[:, -1])  # Beta(a, a) from two Gammas
     return Draws(op=torch.randint(len(OPS), slots, device=device),

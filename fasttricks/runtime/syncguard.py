@@ -7,9 +7,16 @@ so a step that dispatches none of them on the CPU dispatches none on a GPU. CI r
 ``FASTTRICKS_CHECK_SYNCS=1`` turns it on in any training run, around every step between logging
 points (the logging points themselves read the loss back, on purpose).
 
+It also refuses a tensor made from host data inside a step (``torch.tensor``, ``torch.as_tensor``,
+``torch.asarray``, ``Tensor.new_tensor``): on the CPU that is a plain constructor, on CUDA a copy
+from pageable host memory, which waits for every kernel queued before it. Those calls are seen at
+the Python level (a ``TorchFunctionMode``), since no dispatched operator says where the data came
+from; what a step needs is made on the device instead (``torch.full``, arithmetic with Python numbers).
+
 What it cannot see: a read of a CPU tensor that a GPU run would hold on the device (it sees the
 operator, not where the tensor would live), and copies to the host (``.cpu()``, ``.tolist()``),
-which on the CPU are no operators at all. On CUDA ``guard`` uses torch's
+which on the CPU are no operators at all (nor is ``torch.from_numpy``, which torch does not let a
+mode see). On CUDA ``guard`` uses torch's
 ``set_sync_debug_mode("error")`` instead, which sees those; the GPU tests run every stage kind
 under it.
 """
@@ -21,6 +28,7 @@ import traceback
 from contextlib import contextmanager
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttricks.errors import InputError
@@ -44,8 +52,35 @@ class HostSyncError(RuntimeError):
     the line of ours that called it."""
 
 
+# tensors built from host data: on CUDA each is a blocking copy from pageable memory
+HOST_DATA = {torch.tensor: "torch.tensor", torch.as_tensor: "torch.as_tensor", torch.asarray: "torch.asarray",
+             torch.Tensor.new_tensor: "Tensor.new_tensor"}
+
+
+class _NoHostData(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = HOST_DATA.get(func)
+        if name is not None:
+            raise HostSyncError(f"host sync inside a training step: {name} makes a tensor from host data (on CUDA a "
+                                f"blocking copy; make it on the device: torch.full, or arithmetic with Python "
+                                f"numbers); called from {_caller()}")
+        return func(*args, **(kwargs or {}))
+
+
 class no_host_sync(TorchDispatchMode):  # noqa: N801 (a context manager, named like torch's modes)
-    """``with no_host_sync(): ...`` raises ``HostSyncError`` at the first syncing operator."""
+    """``with no_host_sync(): ...`` raises ``HostSyncError`` at the first syncing operator, or at the
+    first tensor made from host data."""
+
+    def __enter__(self):
+        self._host_data = _NoHostData()
+        self._host_data.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._host_data.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
@@ -64,7 +99,7 @@ def _boolean_index(args) -> bool:
 
 def _caller() -> str:
     """The innermost frames outside torch: where the sync comes from (ours, or a library's)."""
-    frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename]
+    frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
     return " <- ".join(f"{f.filename.rsplit('/', 2)[-2:][-1]}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
 
 
