@@ -32,7 +32,8 @@ def test_the_guard_names_each_kind_of_sync(call, op):
     (lambda x: x + torch.as_tensor([1.0, 2.0, 3.0], device=x.device), "torch.as_tensor"),
     (lambda x: x.new_tensor([0.5]), "Tensor.new_tensor"),
     (lambda x: torch.asarray(np.ones(3, np.float32), device=x.device), "torch.asarray"),
-    (lambda x: torch.distributions.Gamma(x, 1.0, validate_args=False).sample(), "torch.tensor"),  # a library's, from a Python rate
+    # a library's, from a Python number: the rate 1.0 becomes torch.tensor(1.0, device)
+    (lambda x: torch.distributions.Gamma(x, 1.0, validate_args=False).sample(), "torch.tensor"),
 ])
 def test_the_guard_names_a_tensor_made_from_host_data(call, name):
     """On CUDA each is a blocking copy from pageable host memory; on the CPU only a constructor, so
@@ -41,7 +42,8 @@ def test_the_guard_names_a_tensor_made_from_host_data(call, name):
     with pytest.raises(HostSyncError, match=f"{name} makes a tensor from host data.*called from"), no_host_sync():
         call(x)
     with no_host_sync():  # made on the device instead
-        x * torch.full((), 2.0, device=x.device) + torch.distributions.Gamma(x, torch.ones_like(x), validate_args=False).sample()
+        rate = torch.ones_like(x)
+        x * torch.full((), 2.0, device=x.device) + torch.distributions.Gamma(x, rate, validate_args=False).sample()
 
 
 SMALL = ["stages.0.epochs=4", "stages.0.resolution={min: 32, max: 32}", "data.val_resize=40", "data.val_crop=32"]
