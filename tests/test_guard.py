@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fasttricks.data import crops
 from fasttricks.recipes import AdversarialConfig, load_recipe
 from fasttricks.training import guard
 from fasttricks.training import step as step_module
@@ -74,9 +75,25 @@ def test_the_guard_measures_pgd_on_a_fixed_training_subset(toy_data):
     model = create_model(ModelConfig(arch="test_efficientnet"), 10)
     recipe = _recipe()
     cfg = AdversarialConfig(method="n_fgsm", eps="8/255", guard={"images": 50, "steps": 2})
-    kwargs = dict(device=torch.device("cpu"), seed=0, distributed=False)
-    first = guard.robust_top1(model, toy_data / "train.beton", cfg, recipe.data, **kwargs)
-    again = guard.robust_top1(model, toy_data / "train.beton", cfg, recipe.data, **kwargs)
+    cpu = torch.device("cpu")
+    images = guard.guard_images(toy_data / "train.beton", cfg.guard, recipe.data, device=cpu, seed=0,
+                                distributed=False)
+    assert len(images.sample_indices()) == 50
+    first = guard.robust_top1(model, images, cfg, cpu)
+    compiled = len(crops._KEEP_ALIVE)  # the loader's pipeline, compiled on its first pass
+    again = guard.robust_top1(model, images, cfg, cpu)
+    assert len(crops._KEEP_ALIVE) == compiled  # a second measurement compiles nothing more
     assert first == again and 0 <= first <= 1 and round(first * 50) == first * 50  # the same 50 images, PGD-seeded
     assert not guard.collapsed(0.1, None, cfg.guard) and guard.collapsed(0.1, 0.31, cfg.guard)
     assert not guard.collapsed(0.12, 0.31, cfg.guard)
+
+
+def test_a_guarded_run_builds_the_guards_loader_once(toy_data, tmp_path, monkeypatch):
+    """Four guarded epochs, four measurements, one loader (a loader per epoch re-compiled FFCV's
+    pipeline each time and kept the compiled code alive)."""
+    built, measured = [], []
+    real = guard.guard_images
+    monkeypatch.setattr(guard, "guard_images", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    monkeypatch.setattr(guard, "robust_top1", lambda model, images, *a: measured.append(images) or 0.5)
+    train(_recipe(), toy_data, tmp_path / "r", show_progress=False)
+    assert len(built) == 1 and measured == built * 4

@@ -131,6 +131,7 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
         self.centre_ratio = None
         # read by the compiled decoder: seed, epoch, and the validation crop and resize
         self.state = np.array([seed, 0, 1, 1], dtype=np.uint64)
+        self._decode = None
 
     def set_epoch(self, epoch: int) -> None:
         self.state[1] = epoch
@@ -140,6 +141,13 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
         return crop_box
 
     def generate_code(self):
+        # FFCV asks again at every epoch (to size its buffers) and discards the answer: one function
+        # per decoder, or each epoch would add one to _KEEP_ALIVE for the life of the process
+        if self._decode is None:
+            self._decode = self._generate_code()
+        return self._decode
+
+    def _generate_code(self):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()

@@ -27,18 +27,26 @@ from fasttricks.runtime.distributed import dist_info
 from fasttricks.training.state import RunState
 
 
-def robust_top1(model: nn.Module, train_beton: Path, cfg: AdversarialConfig, data: DataConfig, *,
-                device: torch.device, seed: int, distributed: bool) -> float:
+def guard_images(train_beton: Path, guard: GuardConfig, data: DataConfig, *, device: torch.device, seed: int,
+                 distributed: bool) -> ValLoader:
+    """The guard's fixed, seeded subset of the training set at the test crop. Built once per run and
+    kept (``Run.guard_loaders``): FFCV compiles a loader's pipeline on its first pass and numba's
+    compiled code is kept for the life of the process (data/crops.py), so a loader per epoch would
+    pay both every epoch."""
+    from fasttricks.data.manifest import read_manifest
+
+    n = read_manifest(train_beton)["images"]
+    subset = np.sort(np.random.default_rng([seed, 0x6A2D]).choice(n, size=min(n, guard.images), replace=False))
+    return ValLoader(train_beton, batch_size=data.val_batch_size, resize=data.val_resize, crop=data.val_crop,
+                     device=device, workers=data.workers, distributed=distributed, indices=subset)
+
+
+def robust_top1(model: nn.Module, images: ValLoader, cfg: AdversarialConfig, device: torch.device) -> float:
     """Robust top-1 (a fraction) under PGD-``cfg.guard.steps`` at ``cfg``'s ε on the guard's images."""
     from fasttricks.evaluation.evaluate import accuracy
 
-    guard = cfg.guard
-    images = ValLoader(train_beton, batch_size=data.val_batch_size, resize=data.val_resize, crop=data.val_crop,
-                       device=device, workers=data.workers, distributed=distributed)
-    n = len(images.loader.indices)
-    subset = np.sort(np.random.default_rng([seed, 0x6A2D]).choice(n, size=min(n, guard.images), replace=False))
-    attack = AdversarialConfig(norm=cfg.norm, eps=cfg.eps, steps=guard.steps)
-    return accuracy(model, images.subset(subset), device, attack)["top1"] / 100
+    attack = AdversarialConfig(norm=cfg.norm, eps=cfg.eps, steps=cfg.guard.steps)
+    return accuracy(model, images, device, attack)["top1"] / 100
 
 
 def collapsed(robust: float, best: float | None, guard: GuardConfig) -> bool:
@@ -67,8 +75,12 @@ def says_collapse(run, s: int, stage: StageConfig, row: dict) -> bool:
     if adv is None or adv.guard is None:
         return False
     tic = time.perf_counter()
-    robust = robust_top1(run.model, run.train_beton, adv, run.recipe.data, device=run.device,
-                         seed=run.recipe.seed, distributed=dist_info()[1] > 1)
+    images = run.guard_loaders.get(adv.guard.images)
+    if images is None:
+        images = run.guard_loaders[adv.guard.images] = guard_images(
+            run.train_beton, adv.guard, run.recipe.data, device=run.device, seed=run.recipe.seed,
+            distributed=dist_info()[1] > 1)
+    robust = robust_top1(run.model, images, adv, run.device)
     # the guard's cost is the method's cost: a robust stage's time is its epochs' plus this
     row["guard_robust_top1"], row["guard_seconds"] = round(100 * robust, 2), round(time.perf_counter() - tic, 2)
     state = state_for(run.info, s)

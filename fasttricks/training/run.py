@@ -53,6 +53,7 @@ class Run:
     epochs_before: list[int] = field(default_factory=list)  # global epoch index of each stage's start
     last_row: dict | None = None  # the newest metrics row, the same on every rank (rank 0 alone writes the file)
     epoch_times: dict = field(default_factory=dict)  # (stage, resolution) -> measured seconds of its epochs
+    guard_loaders: dict = field(default_factory=dict)  # the guard's images by count, built once (guard.py)
 
     @classmethod
     def create(cls, recipe: Recipe, data_dir: Path, classes: list[str], out: Path, device: torch.device,
