@@ -14,8 +14,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 
 def _join(rank: int, world: int, port: int) -> None:
+    import datetime
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("FASTTRICKS_TEST_DIST_TIMEOUT_S", "1800")))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
 
 
 def loader_order(rank: int, world: int, port: int, beton: str, out: str) -> None:
@@ -157,29 +160,52 @@ def sam_steps(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def calibrate(rank: int, world: int, port: int, beton: str, out: str) -> None:
-    """Batch-norm recalibration on 4 batches of 32 images, each rank its share."""
+def calibrate(rank: int, world: int, port: int, beton: str, out: str, batches: int = 4, sync: bool = False) -> None:
+    """Batch-norm recalibration on ``batches`` batches of 32 images, each rank its share; with
+    ``sync``, every batch norm a (fake, CPU) SyncBatchNorm that counts the collectives it starts."""
+    os.environ["FASTTRICKS_TEST_DIST_TIMEOUT_S"] = "30"  # a mismatched collective fails, never hangs the suite
     _join(rank, world, port)
     try:
-        stats, forwarded = calibrated_statistics(beton)
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"stats": stats, "forwarded": forwarded}))
+        if sync:
+            torch.nn.SyncBatchNorm.forward = _counting_sync_forward
+        stats, forwarded = calibrated_statistics(beton, batches, sync)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"stats": stats, "forwarded": forwarded,
+                                                             "collectives": _COLLECTIVES[0]}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def calibrated_statistics(beton: str) -> tuple[dict, int]:
+_COLLECTIVES = [0]
+
+
+def _counting_sync_forward(self, x):
+    """SyncBatchNorm's forward as far as its collectives go, for the CPU (the real one refuses CPU
+    tensors under a process group): in train mode, on a group of several ranks, one all-reduce per
+    forward, counted; then a plain batch norm."""
+    group = self.process_group or dist.group.WORLD
+    if self.training and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(torch.ones(x.shape[1]), group=group)
+        _COLLECTIVES[0] += 1
+    return torch.nn.modules.batchnorm._BatchNorm.forward(self, x)
+
+
+def calibrated_statistics(beton: str, batches: int = 4, sync: bool = False) -> tuple[dict, int]:
     """The recalibrated statistics of a seeded tiny model, and the batches this process forwarded."""
+    import timm.layers
+
     from fasttricks.models.averaging import calibration_batches, recalibrate_batch_norm
     from fasttricks.models.factory import create_model
     from fasttricks.recipes import ModelConfig
 
     torch.manual_seed(0)
     model = create_model(ModelConfig(arch="test_efficientnet"), 10)
-    batches = list(calibration_batches(Path(beton), 4, 32, 32, seed=0, device=torch.device("cpu"), workers=1))
-    seen = recalibrate_batch_norm(model, model.net, batches)
+    if sync:
+        model.net = timm.layers.convert_sync_batchnorm(model.net)
+    chosen = list(calibration_batches(Path(beton), batches, 32, 32, seed=0, device=torch.device("cpu"), workers=1))
+    seen = recalibrate_batch_norm(model, model.net, chosen)
     stats = {k: v.tolist() for k, v in model.net.state_dict().items() if "running" in k}
-    return {**stats, "seen": seen}, len(batches)
+    return {**stats, "seen": seen}, len(chosen)
 
 
 def step_modules(rank: int, world: int, port: int, out: str) -> None:

@@ -93,6 +93,23 @@ def test_batch_norm_recalibration_on_two_ranks_takes_half_the_batches_each_and_g
             torch.testing.assert_close(torch.tensor(r["stats"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_sync_batch_norm_recalibration_on_uneven_shares_starts_no_collective_and_gives_one_processs_statistics(
+        toy_data, tmp_path):
+    """3 batches on 2 ranks: rank 0 forwards 2, rank 1 one (100 on 8 ranks: 13 or 12). A
+    SyncBatchNorm's all-reduce per forward would meet the other rank's combining all-reduce (a hang
+    on NCCL); the batch norms run on each rank alone and the one all-reduce at the end combines them."""
+    beton = str(toy_data / "train.beton")
+    mp.spawn(ddp_workers.calibrate, args=(2, _free_port(), beton, str(tmp_path), 3, True), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one, forwarded = ddp_workers.calibrated_statistics(beton, 3)
+    assert forwarded == 3 and [r["forwarded"] for r in ranks] == [2, 1]
+    assert [r["collectives"] for r in ranks] == [0, 0]
+    for r in ranks:
+        assert r["stats"]["seen"] == one["seen"] == 96
+        for k, v in one.items():
+            torch.testing.assert_close(torch.tensor(r["stats"][k]), torch.tensor(v), rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_a_compiled_step_under_ddp_is_compile_around_ddp_around_the_model(tmp_path):
     mp.spawn(ddp_workers.step_modules, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     built = json.loads((tmp_path / "modules.json").read_text())

@@ -136,6 +136,38 @@ def step_module(model: nn.Module, compiled: nn.Module, device: torch.device) -> 
     return torch.compile(ddp) if compiled is not model else ddp
 
 
+_OWN_GROUPS: dict = {}
+
+
+def own_group():
+    """A process group of this rank alone, made once per process group by every rank together
+    (``new_subgroups`` is collective): a SyncBatchNorm given it normalises locally."""
+    key = id(dist.group.WORLD)
+    if key not in _OWN_GROUPS:
+        _OWN_GROUPS[key], _ = dist.new_subgroups(group_size=1)
+    return _OWN_GROUPS[key]
+
+
+@contextmanager
+def local_sync_batch_norms(norms: list[nn.Module]):
+    """Inside the block the SyncBatchNorms among ``norms`` start no collective: each runs on this
+    rank's own group. For work where ranks forward different numbers of batches and combine their
+    results themselves (batch-norm recalibration): a collective per forward would then meet another
+    rank's different collective, a hang. Every rank enters the block (making the group is collective)."""
+    syncing = [m for m in norms if isinstance(m, nn.SyncBatchNorm)]
+    if not syncing or dist_info()[1] == 1:
+        yield
+        return
+    group, previous = own_group(), [m.process_group for m in syncing]
+    for m in syncing:
+        m.process_group = group
+    try:
+        yield
+    finally:
+        for m, g in zip(syncing, previous, strict=True):
+            m.process_group = g
+
+
 def barrier() -> None:
     if dist_info()[1] > 1:
         dist.barrier()
