@@ -58,6 +58,30 @@ def _stage():
                                     "random_start": False})
 
 
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # what a forward, not the step, changes
+
+
+def train_mode_step(rank: int, world: int, port: int, out: str) -> None:
+    """One plain DDP step with batch norms in train mode, each rank its half: the weights after it."""
+    from fasttricks.runtime import distributed
+    from fasttricks.training.step import create_optimizer, training_step
+
+    _join(rank, world, port)
+    try:
+        model, images, labels = _model_and_batch()
+        model.train()
+        half = slice(rank * 4, rank * 4 + 4)
+        stage = _stage().model_copy(update={"adversarial": None})
+        training_step(distributed.wrap(model, torch.device("cpu")), images[half], labels[half],
+                      create_optimizer(model, stage.optimizer), torch.nn.CrossEntropyLoss(), stage)
+        if rank == 0:
+            torch.save({k: v for k, v in model.net.state_dict().items() if not k.endswith(STATISTICS)},
+                       Path(out, "train_mode.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def reference_steps(out: str, steps: int = 3) -> None:
     """One process, the whole batch: the weights at the start and after each step."""
     from fasttricks.training.step import create_optimizer, training_step

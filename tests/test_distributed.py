@@ -48,6 +48,33 @@ def test_a_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path):
     assert ddp["n_fgsm_step_allreduces"] == ddp["plain_step_allreduces"]  # one all-reduce pass per step
 
 
+def test_under_ddp_each_process_normalises_its_own_share_as_the_docs_say(tmp_path):
+    """runtime/distributed.py: batch norm in train mode normalises over each process's share. A DDP
+    step on two halves equals one process's step whose batch norms see each half apart (the mean of
+    the halves' losses), and differs from normalising over the whole batch."""
+    from fasttricks.training.step import create_optimizer
+
+    mp.spawn(ddp_workers.train_mode_step, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ddp = torch.load(tmp_path / "train_mode.pt", weights_only=True)
+    stage = ddp_workers._stage()
+    after = {}
+    for how in ("halves apart", "whole batch"):
+        model, images, labels = ddp_workers._model_and_batch()
+        model.train()
+        optimizer = create_optimizer(model, stage.optimizer)
+        ce = torch.nn.CrossEntropyLoss()
+        if how == "halves apart":
+            loss = (ce(model(images[:4]), labels[:4]) + ce(model(images[4:]), labels[4:])) / 2
+        else:
+            loss = ce(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        after[how] = model.net.state_dict()
+    for k, v in ddp.items():
+        torch.testing.assert_close(v, after["halves apart"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.allclose(v, after["whole batch"][k], atol=1e-5) for k, v in ddp.items())
+
+
 def test_a_sam_step_under_ddp_all_reduces_once_and_perturbs_along_each_ranks_own_gradient(tmp_path):
     mp.spawn(ddp_workers.sam_steps, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     ddp = torch.load(tmp_path / "sam.pt", weights_only=True)

@@ -313,6 +313,32 @@ def test_dry_run_prints_the_resolved_plan_and_writes_nothing(toy_data, tmp_path)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("world,sets,says", [
+    ("1", [], "batch norm: over each process's images: adversarial 64, behaviour 64 images per norm (under torchrun"),
+    ("8", [], "batch norm: over each process's images: adversarial 8, behaviour 8 images per norm (the stage's "
+              "batch over 8 processes"),
+    ("8", ["model.sync_batchnorm=true"], "batch norm: over the global batch on 8 processes (SyncBatchNorm): "
+                                         "adversarial 64, behaviour 64 images"),
+    ("8", ["model.arch=test_vit"], "normalisation: test_vit has no batch norm: the same run on any number"),
+])
+def test_dry_run_says_what_batch_norm_normalises_over_at_this_launchs_process_count(toy_data, tmp_path, monkeypatch,
+                                                                                     world, sets, says):
+    monkeypatch.setenv("WORLD_SIZE", world)  # as torchrun sets it; dry-run starts no process group
+    args = ["train", "--recipe", "winner", "--data", str(toy_data), "--out", str(tmp_path / "r"),
+            "--override", "overrides/toy-winner.yaml", "--dry-run"]
+    result = CliRunner().invoke(app, args + [a for s in sets for a in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    assert says in " ".join(result.output.split())
+
+
+def test_a_run_records_what_its_batch_norms_normalised_over(winner_run):
+    from fasttricks.models.weights import read_info
+
+    out, summary = winner_run
+    expected = {"sync": False, "processes": 1, "images": {"adversarial": 64, "behaviour": 64}}
+    assert read_info(out / "final.safetensors")["batch_norm"] == summary["batch_norm"] == expected
+
+
 @pytest.mark.parametrize("bad", ["model.arch=no_such_net", "stages.0.freeze=[no_such_module]"])
 def test_a_recipe_refused_at_its_start_leaves_no_run_folder(toy_data, tmp_path, bad):
     out = tmp_path / "r"

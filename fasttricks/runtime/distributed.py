@@ -3,9 +3,15 @@ our own: ``torchrun --nproc-per-node N -m fasttricks train ...`` (or ``srun torc
 
 Rules, and why:
 - The recipe's ``batch_size`` is the global batch; each process takes ``batch_size / world``. The
-  learning rate belongs to that global batch, so adding GPUs changes neither (and a run is the
-  same run on 1 or 8 GPUs up to floating point); ``optimizer.reference_batch`` scales it linearly
-  when the batch itself changes (Goyal et al.).
+  learning rate belongs to that global batch, so adding GPUs changes neither; ``optimizer.reference_batch``
+  scales it linearly when the batch itself changes (Goyal et al.).
+- Batch norm in train mode normalises over each process's share (32 images of 256 on 8 GPUs), as
+  timm's and FFCV's ImageNet training do by default (SyncBatchNorm's collective per layer costs
+  time, and the per-GPU batch of 32 is Goyal et al.'s). So a network with batch norm trains a
+  slightly different experiment on 1 and on 8 GPUs: ``model.sync_batchnorm: true`` normalises over
+  the global batch instead (GPUs only). The choice and the images each norm sees are in the run's
+  info (``batch_norm``, also in summary.json) and on ``--dry-run``; a network without batch norm
+  (LayerNorm, GroupNorm) trains the same run on any number of GPUs up to floating point.
 - The PGD attack runs on the unwrapped module: its ``torch.autograd.grad`` asks for input
   gradients only, so DDP's parameter hooks never fire during the attack and the step all-reduces
   each gradient bucket once (DDP does not support ``autograd.grad`` through the wrapper).
@@ -112,6 +118,16 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # buffers follow rank 0 at each forward
+
+
+def batch_norm_scope(net: nn.Module, sync: bool, batch_sizes: dict[str, int], world: int) -> dict | None:
+    """What the batch norms of ``net`` normalise over in train mode, per stage: ``images`` per norm,
+    whether over the global batch (``sync``) or each process's share; None without batch norm."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        return None
+    sync = sync and world > 1
+    return {"sync": sync, "processes": world,
+            "images": {name: batch if sync else batch // world for name, batch in batch_sizes.items()}}
 
 
 def gather_objects(obj) -> list:

@@ -37,7 +37,7 @@ def finish(run: Run, seconds: float) -> dict:
                "final_weights": str((run.out / "final.safetensors").resolve()),
                "val_resize": data.val_resize, "val_crop": data.val_crop,
                "test_resize": data.val_resize, "test_crop": data.val_crop,
-               "seconds_this_call": round(seconds, 1)}
+               "seconds_this_call": round(seconds, 1), "batch_norm": run.info.get("batch_norm")}
     summary.update({k: v for k, v in last.items() if k.startswith(("val", "train_loss", "images_per_s"))})
     # every rank sweeps, fine-tunes and evaluates (sharded); rank 0 writes
     if run.recipe.fixres is not None:

@@ -27,6 +27,7 @@ def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> lis
         lines.append(f"stage {i} {stage.name!r}: epochs {starts[i] + 1}-{starts[i] + stage.epochs} of "
                      f"{recipe.total_epochs()}, batch {stage.batch_size}, {stage.optimizer.name} lr "
                      f"{stage.peak_lr():.4g}; resolution {_resolutions(stage)}" + _extras(stage))
+    lines.append(_batch_norm_line(recipe, len(manifests["train"]["classes"])))
     if recipe.fixres is not None:
         lines.append("then: the FixRes test-size sweep" + (" and fine-tuning" if recipe.fixres.finetune else ""))
     attack = recipe.evaluation.attack
@@ -41,6 +42,27 @@ def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> lis
         lines.append(f"data {split}: {path} ({manifests[split]['images']} images, "
                      f"{len(manifests[split]['classes'])} classes)")
     return lines
+
+
+def _batch_norm_line(recipe: Recipe, num_classes: int) -> str:
+    """What each batch norm normalises over at this launch's process count (torchrun's WORLD_SIZE)."""
+    import timm
+    import torch
+
+    from fasttricks.runtime.distributed import batch_norm_scope
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    with torch.device("meta"):  # the structure alone: no weights are made or read
+        net = timm.create_model(recipe.model.arch, num_classes=num_classes)
+    scope = batch_norm_scope(net, recipe.model.sync_batchnorm, {s.name: s.batch_size for s in recipe.stages}, world)
+    if scope is None:
+        return f"normalisation: {recipe.model.arch} has no batch norm: the same run on any number of processes"
+    sizes = ", ".join(f"{name} {n}" for name, n in scope["images"].items())
+    if scope["sync"]:
+        return f"batch norm: over the global batch on {world} processes (SyncBatchNorm): {sizes} images"
+    more = (f" (the stage's batch over {world} processes; model.sync_batchnorm: true for the global batch)"
+            if world > 1 else " (under torchrun, each process's share: model.sync_batchnorm: true for the global batch)")
+    return f"batch norm: over each process's images: {sizes} images per norm{more}"
 
 
 def _resolutions(stage: StageConfig) -> str:

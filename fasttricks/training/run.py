@@ -67,13 +67,18 @@ class Run:
         if rank > 0:  # then a stream of its own for dropout and drop-path (rank 0 keeps one process's)
             torch.manual_seed(recipe.seed + rank)
         if recipe.model.sync_batchnorm and world > 1:
+            if device.type != "cuda":
+                raise RecipeError("model.sync_batchnorm: true needs GPUs (SyncBatchNorm has no CPU collective); "
+                                  "set it false to normalise over each process's share")
             model.net = timm.layers.convert_sync_batchnorm(model.net)
         model = model.to(device).to(memory_format=torch.channels_last)
         info = {"arch": recipe.model.arch, "num_classes": len(classes), "classes": classes,
                 "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
                 "val_resize": recipe.data.val_resize, "val_crop": recipe.data.val_crop, "recipe": recipe.name,
                 "data": Path(data_dir).name, "pretrained": recipe.model.pretrained_name(),
-                "training_data": _training_data(data_dir)}
+                "training_data": _training_data(data_dir),
+                "batch_norm": distributed.batch_norm_scope(model.net, recipe.model.sync_batchnorm,
+                                                           {st.name: st.batch_size for st in recipe.stages}, world)}
         loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
                               batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
                               distributed=world > 1)  # every rank evaluates its shard
