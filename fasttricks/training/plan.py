@@ -60,8 +60,9 @@ def _batch_norm_line(recipe: Recipe, num_classes: int) -> str:
     sizes = ", ".join(f"{name} {n}" for name, n in scope["images"].items())
     if scope["sync"]:
         return f"batch norm: over the global batch on {world} processes (SyncBatchNorm): {sizes} images"
-    more = (f" (the stage's batch over {world} processes; model.sync_batchnorm: true for the global batch)"
-            if world > 1 else " (under torchrun, each process's share: model.sync_batchnorm: true for the global batch)")
+    sync = "model.sync_batchnorm: true for the global batch"
+    more = (f" (the stage's batch over {world} processes; {sync})" if world > 1
+            else f" (under torchrun, each process's share: {sync})")
     return f"batch norm: over each process's images: {sizes} images per norm{more}"
 
 
