@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fasttricks.data.loader import ValLoader, beton_paths
+from fasttricks.evaluation.memory import Chunks
 from fasttricks.models.factory import Classifier, classifier_for
 from fasttricks.models.weights import check_data_fits, read_info, weights_file
 from fasttricks.recipes import AdversarialConfig, AutoAttackConfig
@@ -23,14 +24,16 @@ from fasttricks.runtime.distributed import sum_over_ranks
 
 
 def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
-             attack: AdversarialConfig | None = None) -> dict[str, float]:
+             attack: AdversarialConfig | None = None, chunks: Chunks | None = None) -> dict[str, float]:
     """Top-1 and top-5 (in %) and the image count; with ``attack``, on the PGD versions of the
     images (attacked and evaluated in fp32, the evaluation standard). Counts stay on the device
     until the end, then are summed over ranks: under several processes each evaluates its shard.
     Each image's random start comes from a generator seeded by its index in the split (a
     ``ValLoader`` knows them; for other batches, the position in the sequence), never the global
     RNG: the same weights give the same robust accuracy at any batch size and on any number of
-    processes."""
+    processes. The attack runs on chunks of each batch that fit the device's memory (``chunks``,
+    evaluation/memory.py), which changes no result."""
+    chunks = chunks or Chunks()
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.long)  # top-1 hits, top-5 hits, images
@@ -40,7 +43,8 @@ def accuracy(model: nn.Module, batches: Iterable, device: torch.device,
         n = labels.shape[0]
         if attack is not None:
             ids = order[offset:offset + n] if order is not None else range(offset, offset + n)
-            images = pgd(model, images, labels, attack, use_autocast=False, generator=image_generators(device, ids))
+            images = chunks.run(lambda x, y, i: pgd(model, x, y, attack, use_autocast=False,
+                                                    generator=image_generators(device, i)), images, labels, list(ids))
         offset += n
         with torch.no_grad(), autocast(device) if attack is None else nullcontext():
             logits = model(images)
@@ -73,9 +77,10 @@ def evaluate_splits(model: nn.Module, loaders: dict[str, ValLoader], device: tor
         if attack is not None:
             chosen = chosen_images(len(loader.loader.indices), attack_images)
             subset = loader if len(chosen) == len(loader.loader.indices) else loader.subset(chosen)
-            robust = accuracy(model, subset, device, attack)
+            chunks = Chunks()
+            robust = accuracy(model, subset, device, attack, chunks)
             results[split].update(robust_top1=robust["top1"], robust_top5=robust["top5"],
-                                  robust_images=robust["images"])
+                                  robust_images=robust["images"], robust_chunks=chunks.picked)
         if autoattack is not None and split in autoattack.splits:
             robust = autoattack_top1(model, loader, autoattack, device, num_classes)
             results[split].update(autoattack_top1=robust["top1"], autoattack_images=robust["images"])

@@ -124,6 +124,19 @@ def data_for_resume(out: Path, given: Path | None) -> Path | None:
     return given if given is not None else recorded
 
 
+def read_summary(out: Path) -> dict | None:
+    """summary.json, None when the run has not written one."""
+    path = out / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def evaluation_pending(out: Path) -> bool:
+    """The final model is written and its final evaluation did not end (training/finish.py)."""
+    summary = read_summary(out)
+    pending = summary is not None and summary.get("final_evaluation") == "pending"
+    return pending and (out / "final.safetensors").is_file()
+
+
 def check_resumable(out: Path) -> None:
     """``--resume`` needs a run folder (a started run's config.yaml); checked before anything is written."""
     if not (out / "config.yaml").is_file():

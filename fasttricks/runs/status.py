@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fasttricks.recipes.schedules import resolution_at
 from fasttricks.runs.checkpoint import Position, list_checkpoints
-from fasttricks.runs.folder import read_metrics, saved_recipe, writer_pid
+from fasttricks.runs.folder import evaluation_pending, read_metrics, saved_recipe, writer_pid
 from fasttricks.runs.scores import last_scores
 
 
@@ -62,7 +62,7 @@ def run_status(run: Path) -> dict:
     position = found[-1][0] if found else Position(0, 0)
     remaining, unknown = remaining_seconds(recipe, mean_times(epoch_times(rows)), position.stage, position.epoch,
                                            position.step / _steps(rows, position.stage))
-    finished = (run / "summary.json").is_file()
+    finished = (run / "summary.json").is_file() and not evaluation_pending(run)
     last = next((r for r in reversed(rows) if any(k.endswith("_top1") for k in r)), {})
     stage = recipe.stages[min(position.stage, len(recipe.stages) - 1)]
     return {

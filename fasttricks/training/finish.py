@@ -5,11 +5,12 @@ summary.json."""
 from __future__ import annotations
 
 import timm.utils
+from safetensors.torch import load_file
 
 from fasttricks.evaluation import fixres
 from fasttricks.evaluation.evaluate import as_row, evaluate_splits
 from fasttricks.models.averaging import average_files, calibration_batches, recalibrate_batch_norm
-from fasttricks.models.weights import save_weights
+from fasttricks.models.weights import read_info, save_weights
 from fasttricks.progress import console
 from fasttricks.recipes import StageConfig
 from fasttricks.recipes.schedules import resolution_at
@@ -28,8 +29,12 @@ def _final_metrics(run: Run) -> dict:
 
 
 def finish(run: Run, seconds: float) -> dict:
-    """After the last stage: the FixRes sweep (when the recipe has one), the final evaluation at
-    the chosen test size (robust accuracy too when the recipe asks), final.safetensors, summary.json."""
+    """After the last stage: the FixRes sweep (when the recipe has one), then the final model and a
+    summary of what is done (final.safetensors, summary.json with ``final_evaluation: pending``),
+    then the final evaluation at the chosen test size (robust accuracy too when the recipe asks),
+    which completes summary.json. The model is on disk before the evaluation that can fail (an
+    attack at a large test size is the run's largest use of memory); ``--resume`` then evaluates it
+    without training again (``finish_evaluation``)."""
     last = run.last_row or _final_metrics(run)  # (read back when this call trained nothing)
     data = run.recipe.data
     summary = {"run": str(run.out.resolve()), "recipe": run.recipe.name, "model": run.recipe.model.arch,
@@ -44,16 +49,50 @@ def finish(run: Run, seconds: float) -> dict:
         summary.update(_fixres(run))
     if any(g.get("fell_back_at_epoch") for g in run.info.get("guard", {}).values()):
         summary["guard"] = run.info["guard"]  # a stage fell back to PGD after a collapse
-    evaluation = run.recipe.evaluation
     summary["metrics_at"] = {"resize": data.val_resize, "crop": data.val_crop}  # where val_* were measured
-    if run.recipe.fixres is not None or evaluation.attack is not None or evaluation.autoattack is not None:
-        summary.update(_final_accuracy(run, summary["test_resize"], summary["test_crop"]))
-        summary["metrics_at"] = {"resize": summary["test_resize"], "crop": summary["test_crop"]}
+    summary["final_evaluation"] = "pending" if _needs_final_evaluation(run) else "done"
     if run.is_main:
         with kept_on_write_fault(run.out):
             save_weights(run.out / "final.safetensors", run.model.net, run.info)
             folder.write_json(run.out / "summary.json", summary)
-        write_curves(run)  # with the final robust accuracy
+    if summary["final_evaluation"] == "pending":
+        try:
+            summary = _evaluate_final(run, summary)
+        except Exception as e:  # the model is safe: say how to finish, keep the traceback
+            if run.is_main:
+                console.print(f"[red]the final evaluation failed ({type(e).__name__}); {run.out / 'final.safetensors'} "
+                              f"is written: `fasttricks train --resume --out {run.out}` evaluates it without "
+                              f"training again", soft_wrap=True)
+            raise
+    write_curves(run)  # with the final robust accuracy
+    return summary
+
+
+def finish_evaluation(run: Run) -> dict:
+    """``--resume`` of a run whose final model was written but whose final evaluation did not end
+    (out of memory, a lost node): the evaluation alone, on final.safetensors at its test size."""
+    summary = folder.read_summary(run.out)
+    weights, info = load_file(str(run.out / "final.safetensors")), read_info(run.out / "final.safetensors")
+    run.model.net.load_state_dict(weights)
+    run.info = {**run.info, **info}
+    run.say(f"{run.out / 'final.safetensors'} is written and its final evaluation is not: evaluating it")
+    summary = _evaluate_final(run, summary)
+    write_curves(run)
+    return summary
+
+
+def _needs_final_evaluation(run: Run) -> bool:
+    evaluation = run.recipe.evaluation
+    return run.recipe.fixres is not None or evaluation.attack is not None or evaluation.autoattack is not None
+
+
+def _evaluate_final(run: Run, summary: dict) -> dict:
+    summary = {**summary, **_final_accuracy(run, summary["test_resize"], summary["test_crop"]),
+               "metrics_at": {"resize": summary["test_resize"], "crop": summary["test_crop"]},
+               "final_evaluation": "done"}
+    if run.is_main:
+        with kept_on_write_fault(run.out):
+            folder.write_json(run.out / "summary.json", summary)
     return summary
 
 

@@ -38,7 +38,7 @@ from fasttricks.runtime.devices import default_device
 from fasttricks.runtime.distributed import dist_info
 from fasttricks.training import guard
 from fasttricks.training.epoch_log import EpochLog, describe_row, is_logging_step
-from fasttricks.training.finish import average_stage, finish, stopped, write_curves
+from fasttricks.training.finish import average_stage, finish, finish_evaluation, stopped, write_curves
 from fasttricks.training.interrupts import InterruptFlag, check_finite, interrupted_error, should_stop
 from fasttricks.training.run import Run, check_batch_sizes
 from fasttricks.training.state import RunState, stage_done
@@ -85,6 +85,10 @@ def train(recipe: Recipe, data_dir: str | os.PathLike, out: str | os.PathLike, *
 
 
 def _train(run: Run, *, resume: bool, stop_after: int | None) -> dict:
+    if resume and folder.evaluation_pending(run.out):  # trained and written; its evaluation did not end
+        summary = finish_evaluation(run)
+        distributed.barrier()
+        return summary
     state = _restore(run) if resume else None
     position = state.position if state else Position(0, 0)
     run.epoch_times = epoch_times(folder.read_metrics(run.out))  # the epochs so far, for the run ETA
