@@ -11,6 +11,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from fasttricks.models.factory import create_model
 from fasttricks.recipes import AdversarialConfig, ModelConfig, OptimizerConfig, StageConfig, load_recipe
+from fasttricks.recipes.schedules import resolution_at
 from fasttricks.robust.pgd import pgd
 from fasttricks.runtime.devices import compile_enabled
 from fasttricks.training.step import create_optimizer, training_step
@@ -142,3 +143,48 @@ def test_compiled_n_fgsm_equals_eager_takes_the_input_gradient_only_and_never_re
     graphs = _graphs()
     pgd(compiled, x, y, AdversarialConfig(method="n_fgsm", eps=2 / 255), generator=torch.Generator().manual_seed(1))
     assert _graphs() == graphs and backward_outputs == [1]
+
+
+@pytest.mark.parametrize("name,dynamic", [("winner", None), ("winner-fast", None),
+                                          ("submissions-2022/cutmix-augmix-sam", None), ("winner", False)])
+def test_a_recipe_stays_compiled_for_its_whole_schedule(name, dynamic):
+    """Every stage's steps at every resolution of its schedule (a quarter of the size: the graphs
+    depend on how many sizes, not which), through the compiled model as a run calls it, with
+    dynamo's limit as the run sets it (training/compiled.py). A step that would run eagerly fails:
+    past the recompile limit (fail_on_recompile_limit_hit) or at a graph break. With static shapes
+    (``dynamic=False``, a graph per resolution: the plan's worst case) the winner needs 9 graphs,
+    one more than dynamo's default allows."""
+    from torch._dynamo.utils import counters
+
+    from fasttricks.training.compiled import limit_for, make_room, planned_graphs
+
+    recipe = load_recipe(name)
+    torch._dynamo.reset()
+    counters.clear()
+    # dynamo's defaults (pytest's differ), restored after
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256,
+                                    fail_on_recompile_limit_hit=True):
+        assert make_room(recipe) == limit_for(recipe) >= 8
+        _walk_schedule(recipe, dynamic)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    planned = sum(len(g) for g in planned_graphs(recipe).values())
+    assert _graphs() <= planned  # the plan is an upper bound: the limit it sets holds every graph
+
+
+def _walk_schedule(recipe, dynamic: bool | None = None):
+    from fasttricks.models import freezing
+    from fasttricks.training.step import criterion_for
+
+    model = _model()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=dynamic)
+    for stage in recipe.stages:
+        freezing.unfreeze(model.net)
+        freezing.freeze(model.net, freezing.resolve(model.net, stage.freeze))
+        optimizer = create_optimizer(model, stage.optimizer)
+        attacks = [stage] if stage.adversarial is None or stage.adversarial.guard is None else \
+            [stage, stage.model_copy(update={"adversarial": stage.adversarial.fallback()})]  # after a collapse
+        for res in dict.fromkeys(resolution_at(stage.resolution, e) for e in range(stage.epochs)):
+            x, y = _batch(n=2, res=res // 4)
+            for s in attacks:
+                training_step(compiled, x, y, optimizer, criterion_for(s), s, generator=torch.Generator(),
+                              attack_model=compiled)

@@ -310,6 +310,10 @@ def test_dry_run_prints_the_resolved_plan_and_writes_nothing(toy_data, tmp_path)
     assert "stage 1 'behaviour': epochs 21-25 of 25" in text and "frozen first_half" in text
     assert f"data train: {toy_data / 'train.beton'} (400 images, 10 classes)" in text
     assert "overrides/toy-winner.yaml also changes the experiment" in text
+    assert "compiled on CUDA, not on the CPU (model.compile: null): at most 7 graphs of the model, dynamo's " \
+        "recompile limit set to 11" in text
+    assert "  adversarial: 40 px attack (eval, input gradients), 40 px step (train), 48 px attack" in text
+    assert "  behaviour: 56 px step (train)" in text  # frozen: a graph of its own
     assert not out.exists()
 
 

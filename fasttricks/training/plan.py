@@ -14,6 +14,7 @@ from fasttricks.data.loader import beton_paths
 from fasttricks.recipes import AdversarialConfig, Recipe, StageConfig
 from fasttricks.recipes.schedules import resolution_at
 from fasttricks.robust.pgd import describe_eps
+from fasttricks.training.compiled import limit_for, planned_graphs
 
 
 def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> list[str]:
@@ -28,6 +29,7 @@ def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> lis
                      f"{recipe.total_epochs()}, batch {stage.batch_size}, {stage.optimizer.name} lr "
                      f"{stage.peak_lr():.4g}; resolution {_resolutions(stage)}" + _extras(stage))
     lines.append(_batch_norm_line(recipe, len(manifests["train"]["classes"])))
+    lines += _compiled_lines(recipe)
     if recipe.fixres is not None:
         lines.append("then: the FixRes test-size sweep" + (" and fine-tuning" if recipe.fixres.finetune else ""))
     attack = recipe.evaluation.attack
@@ -42,6 +44,16 @@ def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> lis
         lines.append(f"data {split}: {path} ({manifests[split]['images']} images, "
                      f"{len(manifests[split]['classes'])} classes)")
     return lines
+
+
+def _compiled_lines(recipe: Recipe) -> list[str]:
+    """The graphs torch.compile may build for the steps, and the recompile limit set to hold them."""
+    setting = {None: "on CUDA, not on the CPU (model.compile: null)", True: "everywhere (model.compile: true)",
+               False: "never (model.compile: false)"}[recipe.model.compile]
+    graphs = planned_graphs(recipe)
+    lines = [f"compiled {setting}: at most {sum(map(len, graphs.values()))} graphs of the model, dynamo's "
+             f"recompile limit set to {limit_for(recipe)}"]
+    return lines + [f"  {stage}: {', '.join(g)}" for stage, g in graphs.items()]
 
 
 def _batch_norm_line(recipe: Recipe, num_classes: int) -> str:

@@ -27,6 +27,7 @@ from fasttricks.runs.checkpoint import Position, list_checkpoints
 from fasttricks.runtime import distributed
 from fasttricks.runtime.devices import compile_enabled
 from fasttricks.runtime.distributed import dist_info
+from fasttricks.training.compiled import make_room
 from fasttricks.training.interrupts import InterruptFlag
 from fasttricks.training.state import RunState, ema_weights, rng_by_rank
 from fasttricks.training.tracking import Tracker
@@ -82,7 +83,10 @@ class Run:
         loaders = val_loaders(data_dir, resize=recipe.data.val_resize, crop=recipe.data.val_crop,
                               batch_size=recipe.data.val_batch_size, device=device, workers=recipe.data.workers,
                               distributed=world > 1)  # every rank evaluates its shard
-        train_model = torch.compile(model) if compile_enabled(recipe.model.compile, device) else model
+        train_model = model
+        if compile_enabled(recipe.model.compile, device):
+            make_room(recipe)  # every graph of every stage's schedule, or dynamo would go eager past 8
+            train_model = torch.compile(model)
         return cls(recipe, out, device, model, train_model, info, loaders, beton_paths(data_dir)["train"],
                    rank == 0, show_progress, interrupt, tracker, recipe.stage_starts())
 
