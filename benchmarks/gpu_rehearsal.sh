@@ -41,4 +41,5 @@ if [ "$(cat .gpu-bundle/.source 2>/dev/null)" != "$(bundle_source)" ]; then
 fi
 echo "gpu-rehearsal: bundle ready after $((SECONDS - start)) s"
 "$ENV_DIR/bin/python" benchmarks/gpu_suite.py --rehearse --bundle .gpu-bundle --results "$RESULTS"
+"$ENV_DIR/bin/python" benchmarks/gpu_suite.py --rehearse --suite tests --bundle .gpu-bundle --results "$RESULTS"
 echo "gpu-rehearsal: passed in $((SECONDS - start)) s"

@@ -1,23 +1,32 @@
-"""Every GPU figure from one command: the GPU tests, the train-step and augmentation benchmarks and
-the recipes' projected ImageNet hours, then one table of each figure against its goal (#13, #31).
+"""Every GPU figure from one command, the GPU tests from another: the train-step and augmentation
+benchmarks and the recipes' projected ImageNet hours, then one table of each figure against its goal
+(#13, #31, #36).
 
     make gpu-bundle                                        # here: the wheels the GPU machine lacks
-    python3 benchmarks/gpu_suite.py --bundle .gpu-bundle   # there (make bench-gpu): installs them, runs all
-    python3 benchmarks/gpu_suite.py --rehearse ...         # the CPU rehearsal (make gpu-rehearsal)
+    make bench-gpu    (gpu_suite.py --bundle .gpu-bundle)  # there: installs them, every figure
+    make gpu-tests    (gpu_suite.py --suite tests ...)     # there: the GPU tests (pytest -m gpu)
+    python3 benchmarks/gpu_suite.py --rehearse ...         # the CPU rehearsal of both (make gpu-rehearsal)
 
 Each part runs in its own process with a time limit, so that one failing or slow part still leaves
 the others' figures; a part that fails is a row saying so, never a figure. The benchmarks save each
 row as it ends and the table is rewritten after each part, so a run stopped at any point brings back
 what it measured. Results go to ``--results`` (default benchmarks/results/): each benchmark's JSON,
-one log, and ``gpu-suite-<device>.md`` / ``.json`` (the table, the parts, the packages it ran with).
-The exit status is 1 when a part fails or a figure of the table is missing (never for a missed goal).
+one log, and ``gpu-suite-<device>.md`` / ``.json`` (``gpu-tests-<device>.*`` for the tests: the
+table, the parts, the packages it ran with). The exit status is 1 when a part fails or a figure of
+the table is missing (never for a missed goal).
 
-Sizes (SIZES below). On the GPU: the figures at the recipes' own settings (EfficientNet-B1, 240 px,
-batch 256; augmentation at 224), 10 timed steps after 3 warm-up ones per figure (the slowest, eager
-PGD-3 at ~665 img/s on an H100, then times 2,560 images in about 4 s); the time limits add up to
-7 minutes, which with the bundle's install (~30 s) keeps `make bench-gpu` inside 8. With
-``--rehearse``: the same parts and rows on the CPU, timm's tiny test_efficientnet at 32 px, one
-timed step after one warm-up, torch.compile with the aot_eager backend (it traces the graphs as
+Order and budgets (``BUDGET``). The parts come cheapest figure first, so a lease cut short still
+brings back the most: the eager steps (three figures in under a minute), their projection, the
+augmentation, the compiled steps, the loader-saturation rows, then the projection at compiled rates.
+Each part's time limit is computed from what it must start, compile and run: a process start, a
+number of cold inductor graphs of EfficientNet-B1, and its images at the H100's eager rates of
+2026-11-22, with a margin. The compile time per graph is the one figure not yet measured on a GPU
+(an assumption, ``COMPILE_S``); each step row now records its seconds with warm-up
+(``seconds_with_warmup``), so the first GPU run replaces it. The figures' limits add up, with the
+bundle's install, to 8 minutes; the GPU tests (7 compiled toy training runs among them) do not fit
+beside them, and get their own call with a limit sized for those runs (``make gpu-tests``).
+With ``--rehearse``: the same parts and rows on the CPU, timm's tiny test_efficientnet at 32 px,
+one timed step after one warm-up, torch.compile with the aot_eager backend (it traces the graphs as
 inductor would and generates no code: the rehearsal checks that every row runs, not its speed).
 """
 
@@ -37,14 +46,70 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 
+# The cost model of the GPU parts' time limits (seconds). Evidence: the H100 eager step rates of
+# 2026-11-22 (benchmarks/results/train_step_throughput-NVIDIA-H100-80GB-HBM3.json: plain 2,708 img/s,
+# PGD-3 665; N-FGSM, two passes, taken at half the plain rate); the rehearsal's process starts
+# (~10 s on 2 CPU cores, CUDA's start added). COMPILE_S is an assumption until a GPU run records
+# seconds_with_warmup: a cold inductor compile of one EfficientNet-B1 training graph on 16 cores.
+START_S = 25
+COMPILE_S = 50
+CACHED_COMPILE_S = 12  # the same graph again in a new process: inductor's FX graph cache on local disk
+TOY_RUN_S = 20  # one compiled toy training run of the GPU tests (tiny graphs, cache warm after the first)
+MARGIN = 1.5
+STEP_IMAGES = 13 * 256  # 3 warm-up + 10 timed steps of batch 256
+RATES = {"plain": 2708, "pgd-3": 665, "n-fgsm": 1354}
+
+
+def _images_s(images: float, rate: float) -> float:
+    return images / rate
+
+
+BUDGET = {  # (process starts, cold graphs, cached graphs, seconds of work) per part
+    "eager steps": (1, 0, 0, sum(_images_s(STEP_IMAGES, r) for r in RATES.values())),
+    "projection (eager)": (0.4, 0, 0, 0),
+    "augmentation": (1, 1, 0, 5),  # one graph (heavy augmentation + F-CutMix), ~10k images
+    "compiled steps": (1, 2, 0, sum(_images_s(STEP_IMAGES, r) for r in RATES.values())),  # train, attack
+    # a 4,096-image beton (~20 s), the PGD-3 row fed and synthetic, the frozen behaviour graph
+    "loader saturation": (1, 1, 3, 20 + 2 * _images_s(STEP_IMAGES, RATES["pgd-3"]) + 5),
+    "projection": (0.4, 0, 0, 0),
+}
+TESTS_BUDGET = {"gpu tests": (1, 0, 0, 7 * TOY_RUN_S + 40)}  # 7 toy runs (test_syncguard) + the other GPU tests
+INSTALL_S = 30  # the bundle's wheels, pip --no-index
+MACHINE_START_S = 90  # a lent machine's start, counted in the lease
+FIGURES_CALL_S = 8 * 60  # one device call of make bench-gpu
+LEASE_S = 15 * 60  # a lease's device time: the start and both calls
+
+
+def limit(starts: float, cold: int, cached: int, work: float) -> int:
+    """A part's time limit from its cost (rounded up to 5 s)."""
+    seconds = starts * START_S + cold * COMPILE_S + cached * CACHED_COMPILE_S + work * MARGIN
+    return int(-(-seconds // 5) * 5)
+
+
 SIZES = {
     "gpu": {"arch": "efficientnet_b1", "res": 240, "batch": 256, "steps": 10, "warmup": 3, "aug_res": 224,
             "aug_batch": 256, "aug_batches": 8, "aug_repeats": 5, "backend": "inductor",
-            "limits": {"train step": 270, "augmentation": 60, "projection": 30, "gpu tests": 60}},
+            "limits": {name: limit(*cost) for name, cost in {**BUDGET, **TESTS_BUDGET}.items()}},
     "rehearsal": {"arch": "test_efficientnet", "res": 32, "batch": 8, "steps": 1, "warmup": 1, "aug_res": 32,
                   "aug_batch": 16, "aug_batches": 2, "aug_repeats": 1, "backend": "aot_eager",
-                  "limits": {"train step": 150, "augmentation": 60, "projection": 30, "gpu tests": 120}},
+                  "limits": {"eager steps": 60, "projection (eager)": 30, "augmentation": 60, "compiled steps": 90,
+                             "loader saturation": 120, "projection": 30, "gpu tests": 120}},
 }
+SUITES = {"figures": list(BUDGET), "tests": list(TESTS_BUDGET)}
+
+
+def budget_problems(limits: dict[str, int]) -> list[str]:
+    """What does not add up: the figures' call inside 8 minutes with the install, and the machine's
+    start, that call and the tests' call inside one lease. Empty when all fits."""
+    figures = INSTALL_S + sum(limits[n] for n in SUITES["figures"])
+    tests = INSTALL_S + sum(limits[n] for n in SUITES["tests"])
+    problems = []
+    if figures > FIGURES_CALL_S:
+        problems.append(f"make bench-gpu may take {figures} s, over its {FIGURES_CALL_S} s")
+    if MACHINE_START_S + figures + tests > LEASE_S:
+        problems.append(f"start + bench-gpu + gpu-tests may take {MACHINE_START_S + figures + tests} s, "
+                        f"over the lease's {LEASE_S} s")
+    return problems
 
 # The packages the suite's figures depend on: their versions go into the results (and a GPU run's
 # list is what the rehearsal's requirements, benchmarks/gpu_machine.txt, should pin next).
@@ -89,28 +154,34 @@ GOALS: list[tuple[str, Callable[[dict], float | None], float | None, str]] = [
 
 
 def parts(tag: str, results: Path, size: dict) -> list[tuple[str, list[str], Path | None]]:
-    """(name, command, JSON it writes); GOALS read a JSON by its part's name."""
+    """(name, command, JSON it writes) of every part, in the order they run; GOALS read a JSON by
+    the name of the part that writes it last (the step parts add rows to one file)."""
     py, limits = sys.executable, size["limits"]
     train_step = results / f"train_step_throughput-{tag}.json"
     augment = results / f"augment_throughput-{tag}.json"
     projection = results / f"projection-{tag}.json"
+    step = [py, str(BENCH / "train_step_throughput.py"), "--pgd-steps", "3", "--arch", size["arch"],
+            "--res", str(size["res"]), "--batch-size", str(size["batch"]), "--steps", str(size["steps"]),
+            "--warmup", str(size["warmup"]), "--compile-backend", size["backend"], "--out", str(train_step)]
+    project = [py, str(BENCH / "projection.py"), "--rates", str(train_step), "--out", str(projection)]
     listed = [
-        ("train step", [py, str(BENCH / "train_step_throughput.py"), "--rows", "steps,pgd,behaviour",
-                        "--pgd-steps", "3", "--arch", size["arch"], "--res", str(size["res"]),
-                        "--batch-size", str(size["batch"]), "--steps", str(size["steps"]),
-                        "--warmup", str(size["warmup"]), "--compile", "on",
-                        "--compile-backend", size["backend"], "--out", str(train_step)], train_step),
+        ("eager steps", [*step, "--rows", "steps_eager", "--compile", "off"], train_step),
+        ("projection (eager)", project, projection),
         ("augmentation", [py, str(BENCH / "augment_throughput.py"), "--res", str(size["aug_res"]),
                           "--batch-size", str(size["aug_batch"]), "--batches", str(size["aug_batches"]),
                           "--repeats", str(size["aug_repeats"]), "--compile", "--compile-backend", size["backend"],
                           "--out", str(augment)], augment),
-        ("projection", [py, str(BENCH / "projection.py"), "--rates", str(train_step), "--out", str(projection)],
-         projection),
-        # last: a lease cut short loses the tests' verdict before any figure
+        ("compiled steps", [*step, "--rows", "steps_compiled", "--compile", "on", "--append"], train_step),
+        ("loader saturation", [*step, "--rows", "pgd,behaviour", "--compile", "on", "--append"], train_step),
+        ("projection", project, projection),
         ("gpu tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_test_files()], None),
     ]
     assert {name for name, _, _ in listed} == limits.keys()
     return listed
+
+
+FIGURE_SOURCES = {"eager steps": "train step", "compiled steps": "train step", "loader saturation": "train step",
+                  "projection (eager)": "projection", "projection": "projection", "augmentation": "augmentation"}
 
 
 def gpu_test_files() -> list[str]:
@@ -195,7 +266,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, help="folder of wheels from `make gpu-bundle`, installed first")
     p.add_argument("--results", type=Path, default=BENCH / "results")
-    p.add_argument("--only", default=None, help="comma-separated part names (gpu tests, train step, …)")
+    p.add_argument("--suite", choices=tuple(SUITES), default="figures",
+                   help="figures: every benchmark part (make bench-gpu); tests: the GPU tests (make gpu-tests)")
+    p.add_argument("--only", default=None, help="comma-separated part names of the suite (eager steps, …)")
     p.add_argument("--rehearse", action="store_true",
                    help="on the CPU at tiny sizes: every part and row runs, its figures mean nothing")
     args = p.parse_args()
@@ -206,6 +279,10 @@ def main() -> None:
     env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if args.rehearse:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the rehearsal's figures are the CPU's even beside a GPU
+    if args.rehearse:  # the GPU budgets are checked here, on the CPU, before any lease depends on them
+        problems = budget_problems(SIZES["gpu"]["limits"])
+        if problems:
+            sys.exit("gpu_suite: the GPU parts' budgets do not add up: " + "; ".join(problems))
     device = probe_device(env, args.rehearse)
     tag = device.replace(" ", "-")
     size = SIZES["rehearsal" if args.rehearse else "gpu"]
@@ -216,25 +293,37 @@ def main() -> None:
         sizes = ("A rehearsal on the CPU (make gpu-rehearsal): every part and row ran; the figures say nothing "
                  "of a GPU's speed, and the met column means nothing here.\n\n" + sizes)
     args.results.mkdir(parents=True, exist_ok=True)
-    wanted = args.only.split(",") if args.only else None
+    wanted = args.only.split(",") if args.only else SUITES[args.suite]
+    unknown = set(wanted) - set(SUITES[args.suite])
+    if unknown:
+        sys.exit(f"gpu_suite: --only {args.only}: not parts of the {args.suite} suite ({', '.join(sorted(unknown))}); "
+                 f"its parts: {', '.join(SUITES[args.suite])}")
     status, figures, installed = [], {}, versions(env)
-    log = args.results / f"gpu-suite-{tag}.log"
-    log.write_text(f"gpu_suite on {device}\n{json.dumps(installed)}\n")
+    stem = args.results / f"{'gpu-suite' if args.suite == 'figures' else 'gpu-tests'}-{tag}"
+    log = stem.with_suffix(".log")
+    log.write_text(f"gpu_suite --suite {args.suite} on {device}\n{json.dumps(installed)}\n")
     for name, cmd, out in parts(tag, args.results, size):
-        if wanted and name not in wanted:
+        if name not in wanted:
             continue
         status.append(run_part(name, cmd, size["limits"][name], log, env))
         if out is not None and out.exists():  # also after a timeout: the benchmarks save row by row
-            figures[name] = json.loads(out.read_text())
+            figures[FIGURE_SOURCES[name]] = json.loads(out.read_text())
         tests = next((re.sub(r"=+", "", s["tail"][-1]).strip() for s in status
-                      if s["part"] == "gpu tests" and s["tail"]), "not run")
-        md = table(status, figures, device, tests, sizes)
-        (args.results / f"gpu-suite-{tag}.md").write_text(md)
-        (args.results / f"gpu-suite-{tag}.json").write_text(json.dumps(
-            {"device": device, "sizes": size, "packages": installed, "parts": status,
-             "figures": figures_of(figures)}, indent=2) + "\n")
+                      if s["part"] == "gpu tests" and s["tail"]), "not run in this call")
+        md = table(status, figures, device, tests, sizes) if args.suite == "figures" else \
+            tests_table(status, device, tests)
+        stem.with_suffix(".md").write_text(md)
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"device": device, "suite": args.suite, "sizes": size, "packages": installed, "parts": status,
+             "figures": figures_of(figures) if args.suite == "figures" else []}, indent=2) + "\n")
     print(md)
-    sys.exit(verdict(figures, status, complete=not wanted))
+    sys.exit(verdict(figures, status, complete=args.suite == "figures" and not args.only))
+
+
+def tests_table(status: list[dict], device: str, tests: str) -> str:
+    lines = [f"# GPU tests on {device}", "", f"GPU tests: {tests}", "", "| part | exit | seconds |",
+             "| --- | --- | --- |", *[f"| {s['part']} | {s['rc']} | {s['seconds']} |" for s in status]]
+    return "\n".join(lines) + "\n"
 
 
 def verdict(figures: dict, status: list[dict], complete: bool = True) -> str | None:

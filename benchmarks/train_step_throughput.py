@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag, make_jpeg_folder, timed  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
-ROWS = ("steps", "pgd", "one_step", "compile", "behaviour", "projection")
+ROWS = ("steps", "steps_eager", "steps_compiled", "pgd", "one_step", "compile", "behaviour", "projection")
 
 
 def parse_args(cuda: bool) -> argparse.Namespace:
@@ -78,6 +78,7 @@ def parse_args(cuda: bool) -> argparse.Namespace:
                    help="torch.compile's backend; aot_eager traces as inductor does without generating code "
                         "(the CPU rehearsal of the GPU suite: it checks the graphs, not their speed)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--append", action="store_true", help="keep the rows --out already holds, add these")
     args = p.parse_args()
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
@@ -189,17 +190,22 @@ def one_step_rows(b: Bench) -> list[dict]:
 STEP_METHODS = {"plain": None, "pgd-3": ONE_STEP["pgd-3"], "n-fgsm": ONE_STEP["n-fgsm"]}
 
 
-def step_rows(b: Bench, save) -> None:
+def step_rows(b: Bench, save, modes: tuple[str, ...] = ("eager", "compiled")) -> None:
     """Each of STEP_METHODS on one synthetic batch, eager then compiled: one row each, saved as it
     ends (eager first: a time limit reached while compiling still leaves every eager figure)."""
     a = b.args
     batch = itertools.repeat(b.synthetic(a.batch_size, a.res))
-    compiled = b.compiled if b.compile else b.compiled_twin()
-    for mode, model in (("eager", b.model), ("compiled", compiled)):
+    models = {"eager": lambda: b.model, "compiled": lambda: b.compiled if b.compile else b.compiled_twin()}
+    for mode in modes:
+        model = models[mode]()
         for method, adv in STEP_METHODS.items():
             stage = StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.01), adversarial=adv)
+            tic = time.perf_counter()
+            rate = b.rate(model, stage, batch)
+            # the whole call, warm-up (and compilation) included: the GPU suite's budgets read it
             row = {"row": "step", "method": method, "mode": mode, "arch": a.arch, "res": a.res,
-                   "batch_size": a.batch_size, "images_per_s": round(b.rate(model, stage, batch), 1)}
+                   "batch_size": a.batch_size, "images_per_s": round(rate, 1),
+                   "seconds_with_warmup": round(time.perf_counter() - tic, 1)}
             if mode == "compiled":
                 row["compile_backend"] = a.compile_backend
             print(row, flush=True)
@@ -309,7 +315,8 @@ def main() -> None:
     wanted = args.rows.split(",")
     out = args.out or RESULTS / f"train_step_throughput-{machine_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    # --append: the rows of earlier calls stay (the GPU suite measures in several processes, one file)
+    rows: list[dict] = json.loads(out.read_text())["results"] if args.append and out.is_file() else []
 
     def save(row: dict | list[dict]) -> None:
         """After every row: a run stopped at a time limit keeps what it measured."""
@@ -324,6 +331,9 @@ def main() -> None:
         b = Bench(args, device, Path(tmp))
         if "steps" in wanted:
             step_rows(b, save)
+        for mode in ("eager", "compiled"):
+            if f"steps_{mode}" in wanted:
+                step_rows(b, save, (mode,))
         if "compile" in wanted:
             save(compile_row(b))
         if "pgd" in wanted:
