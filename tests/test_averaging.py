@@ -98,3 +98,22 @@ def test_average_command_writes_the_mean_and_recomputes_statistics_on_the_data(t
     assert again.exit_code == 2 and "exists" in again.output
     one = runner.invoke(app, ["average", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "x.safetensors")])
     assert one.exit_code == 2 and "at least two" in one.output and not (tmp_path / "x.safetensors").exists()
+
+
+def test_averaging_a_layer_norm_network_recomputes_no_statistics_and_reads_no_batch():
+    """A ViT has no batch norm: recalibration has nothing to recompute, and draws no batch for it."""
+    from fasttricks.models.averaging import recalibrate_batch_norm
+    from fasttricks.models.factory import create_model
+    from fasttricks.recipes import ModelConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_vit"), 10)
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    drawn = []
+
+    def batches():
+        drawn.append(1)
+        yield torch.rand(2, 3, 32, 32)
+
+    assert recalibrate_batch_norm(model, model.net, batches()) == 0 and drawn == []
+    assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())

@@ -251,13 +251,45 @@ def test_a_region_map_with_two_regions_on_one_layer_says_so(run, tmp_path, capsy
     assert "one layer stands for several regions" in " ".join(capsys.readouterr().err.split())
 
 
-def test_the_export_passes_brainscores_own_plugin_checks_offline(plugin, images, monkeypatch):
+@pytest.fixture(scope="module", params=["test_efficientnet", "test_convnext", "test_vit"])
+def family_plugin(request, plugin, tmp_path_factory):
+    """The EfficientNet export, and one of a ConvNeXt and a ViT run (trained at 48 px, exported at
+    FixRes' 64: a ViT's position embedding resized), layers and region map from their structure."""
+    arch = request.param
+    if arch == "test_efficientnet":
+        return plugin
+    out = tmp_path_factory.mktemp("runs") / f"{arch}-run"
+    out.mkdir()
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch=arch), 10)
+    info = {"arch": arch, "num_classes": 10, "classes": [str(i) for i in range(10)],
+            "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), "val_resize": 56,
+            "val_crop": 48, "recipe": f"winner-{arch.split('_')[1]}"}
+    save_weights(out / "final.safetensors", model.net, info)
+    (out / "summary.json").write_text(json.dumps({"val_top1": 50.0}))
+    folder = tmp_path_factory.mktemp("export") / f"fasttricks_{arch}_plugin"
+    return folder, export(out, folder, size=(72, 64))
+
+
+def test_layers_and_region_map_come_from_each_familys_own_structure(family_plugin):
+    _, config = family_plugin
+    layers, readout = config["layers"], config["behavioral_readout_layer"]
+    expected = {"test_efficientnet": ("global_pool", "blocks.4.0.conv_pwl"),
+                "test_convnext": ("head.drop", "stages.3.blocks.1.conv_dw"), "test_vit": ("head_drop", "blocks.5.attn")}
+    assert (readout, expected[config["arch"]][1] in layers) == (expected[config["arch"]][0], True)
+    assert layers[-1] == readout and set(config["region_layer_map"]) == {"V1", "V2", "V4", "IT"}
+    assert all(layer in layers for layer in config["region_layer_map"].values())
+    assert config["create_kwargs"] == ({"dynamic_img_size": True} if config["arch"] == "test_vit" else {})
+
+
+def test_the_export_passes_brainscores_own_plugin_checks_offline(family_plugin, images, monkeypatch):
     """brainscore_vision's generic_plugin_tests (what it runs on a submitted plugin), on our
-    commitment, with our three images standing in for its stimuli (not shipped in the wheel)."""
+    commitment, with our three images standing in for its stimuli (not shipped in the wheel): for an
+    EfficientNet, a ConvNeXt and a ViT."""
     from brainscore_vision import model_registry
     from brainscore_vision.model_helpers import generic_plugin_tests as generic
 
-    out, config = plugin
+    out, config = family_plugin
     name = config["identifier"]
     monkeypatch.setenv("RESULTCACHING_DISABLE", "1")
     monkeypatch.syspath_prepend(str(out.parent))

@@ -172,3 +172,32 @@ def test_a_recipe_cannot_choose_its_test_size_by_a_benchmark():
     with pytest.raises(ValueError, match="fasttricks fixres RUN --metric brainscore:Rajalingham2018public-i2n"):
         FixResConfig(metric="brainscore:Rajalingham2018public-i2n")
     assert FixResConfig(metric="val_clutter").metric == "val_clutter"
+
+
+def test_a_vit_takes_every_test_size_with_its_position_embedding_resized_as_timm_resizes_it():
+    """A ViT is made with timm's dynamic_img_size, so the FixRes sweep can test it at any multiple
+    of its patch: the same logits as timm's own model made for that size, its 160-px position
+    embedding resampled by timm; and the sweep's sizes are rounded to the patch."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    from fasttricks.evaluation.fixres import size_pairs
+    from fasttricks.models.factory import Classifier, create_model, patch_size
+    from fasttricks.recipes import ModelConfig
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch="test_vit"), 10).eval()
+    assert patch_size(model.net) == 16
+    for side in (48, 96):
+        x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+        theirs = timm.create_model("test_vit", num_classes=10, img_size=side).eval()
+        state = dict(model.net.state_dict())
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (side // 16, side // 16),
+                                                    num_prefix_tokens=theirs.num_prefix_tokens)
+        theirs.load_state_dict(state)
+        with torch.no_grad():
+            same_input = Classifier(theirs, model.mean.flatten().tolist(), model.std.flatten().tolist())
+            torch.testing.assert_close(model(x), same_input(x), rtol=1e-4, atol=1e-5)
+    assert [c for _, c in size_pairs([40, 56, 64, 100], 0.875, 16)] == [32, 64, 96]
+    with pytest.raises(ValueError, match="multiple of the model's patch side"):
+        size_pairs(["64/56"], 0.875, 16)

@@ -84,3 +84,48 @@ def test_a_vits_pos_embed_and_cls_token_get_no_weight_decay():
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.net.pos_embed) in no_decay and id(model.net.cls_token) in no_decay
     assert id(model.net.blocks[0].attn.qkv.weight) not in no_decay
+
+
+@pytest.mark.parametrize("arch,stem,half_ends_with,count", [
+    ("efficientnet_b1", ["conv_stem", "bn1"], ["blocks.3.1", "blocks.3.2"], 23),
+    ("resnet50", ["conv1", "bn1", "act1", "maxpool"], ["layer2.3", "layer3.0"], 16),
+    # ConvNeXt-T's 3-3-9-3 blocks: a stage's downsampling layer goes with its first block
+    ("convnext_tiny", ["stem"], ["stages.2.downsample", "stages.2.blocks.0", "stages.2.blocks.1",
+                                 "stages.2.blocks.2"], 18),
+    # a ViT's stem: the patch embedding, and the position embedding and class token (parameters)
+    ("vit_base_patch16_224", ["patch_embed", "pos_drop", "patch_drop", "norm_pre", "cls_token", "pos_embed"],
+     ["blocks.4", "blocks.5"], 12),
+])
+def test_first_half_is_the_stem_and_half_of_timms_own_blocks_for_each_family(arch, stem, half_ends_with, count):
+    with torch.device("meta"):  # the structure alone
+        net = timm.create_model(arch, num_classes=10)
+    found_stem, groups = freezing.blocks(net)
+    assert found_stem == stem and len(groups) == count
+    half = freezing.first_half(net)
+    assert half[:len(stem)] == stem and half[-len(half_ends_with):] == half_ends_with
+    assert freezing.resolve(net, "first_half") == half
+
+
+@pytest.mark.parametrize("arch", ["test_convnext", "test_vit"])
+def test_frozen_layer_norms_embeddings_and_blocks_do_not_move_in_a_layer_norm_network(arch):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(arch=arch), 10)
+    frozen = freezing.resolve(model.net, "first_half")
+    freezing.freeze(model.net, frozen)
+    norms = [n for n, m in model.net.named_modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+             and any(n == p or n.startswith(p + ".") for p in frozen)]
+    assert norms  # frozen parts hold LayerNorms
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    stage = StageConfig(optimizer=OptimizerConfig(name="sgd", lr=0.5, weight_decay=1e-4))
+    optimizer = create_optimizer(model, stage.optimizer)
+    for i in range(2):
+        x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(i))
+        training_step(model, x, torch.arange(4), optimizer, nn.CrossEntropyLoss(), stage)
+    after = model.net.state_dict()
+    is_frozen = {k: any(k == p or k.startswith(p + ".") for p in frozen) for k in after}
+    if arch == "test_vit":
+        assert is_frozen["pos_embed"] and is_frozen["cls_token"]
+    assert all(torch.equal(after[k], before[k]) for k in after if is_frozen[k])
+    assert any(not torch.equal(after[k], before[k]) for k in after if not is_frozen[k])
+    freezing.unfreeze(model.net)
+    assert all(p.requires_grad for p in model.net.parameters())

@@ -22,8 +22,9 @@ from pathlib import Path
 import yaml
 
 from fasttricks.atomic import make_folder
-from fasttricks.brainscore.layers import READOUT, candidate_layers, default_region_map
+from fasttricks.brainscore.layers import candidate_layers, default_region_map, readout_layer
 from fasttricks.errors import OutputUnusable, UserError
+from fasttricks.models.factory import patch_size
 from fasttricks.models.weights import WeightsError, read_info, weights_file
 from fasttricks.progress import console
 
@@ -115,7 +116,9 @@ def export(source: Path, out: Path, *, identifier: str | None = None, regions: l
     name = identifier_for(info, run_folder(source).resolve().name, resize, crop, identifier)
     config = {"identifier": name, "arch": info["arch"], "num_classes": info["num_classes"], "weights": WEIGHTS_NAME,
               "weights_sha1": sha1(weights), "resize": resize, "crop": crop, "mean": info["mean"], "std": info["std"],
-              "layers": layers, "behavioral_readout_layer": READOUT, "batch_size": 64,
+              "layers": layers, "behavioral_readout_layer": readout_layer(net), "batch_size": 64,
+              # a ViT takes the exported size with its position embedding resized, as in training
+              "create_kwargs": {"dynamic_img_size": True} if patch_size(net) > 1 else {},
               "source": {"weights": str(weights.resolve()), "recipe": info.get("recipe"),
                          "fixres": info.get("fixres"), "frozen": info.get("frozen", []),
                          "summary": {k: v for k, v in summary.items() if k.endswith(("_top1", "attack"))},

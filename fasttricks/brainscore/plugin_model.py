@@ -78,7 +78,8 @@ def build_network() -> torch.nn.Module:
     digest = hashlib.sha1(weights.read_bytes()).hexdigest()
     if digest != CONFIG["weights_sha1"]:
         raise RuntimeError(f"{weights}: sha1 {digest} does not match model.json's {CONFIG['weights_sha1']}")
-    net = timm.create_model(CONFIG["arch"], pretrained=False, num_classes=CONFIG["num_classes"])
+    net = timm.create_model(CONFIG["arch"], pretrained=False, num_classes=CONFIG["num_classes"],
+                            **CONFIG.get("create_kwargs", {}))
     net.load_state_dict(load_file(str(weights)))
     return net.eval()
 

@@ -25,6 +25,7 @@ from fasttricks.atomic import atomic_path, make_folder, write_json, write_text
 from fasttricks.data.loader import ValLoader
 from fasttricks.errors import InputError
 from fasttricks.evaluation.evaluate import as_row, evaluate_splits, val_loaders
+from fasttricks.models.factory import patch_size
 from fasttricks.models.weights import update_info
 from fasttricks.progress import console, progress_bar
 from fasttricks.recipes import FIXRES_SPLITS, FixResFineTuneConfig, resize_crop
@@ -54,17 +55,22 @@ def default_sizes(crop: int) -> list[int]:
     return list(range(start, int(1.75 * crop) + 1, step))
 
 
-def size_pairs(sizes: list[int | str], ratio: float) -> list[tuple[int, int]]:
+def size_pairs(sizes: list[int | str], ratio: float, multiple: int = 1) -> list[tuple[int, int]]:
     """(resize, crop) for each size: a crop is resized at the training ``ratio``, a ``"R/C"`` pair
-    is taken as written. Sorted by crop, then resize; duplicates dropped."""
+    is taken as written. Sorted by crop, then resize; duplicates dropped. ``multiple``: a ViT's
+    patch side; a crop is rounded to the nearest multiple of it (a written pair must be one)."""
     if not 0 < ratio <= 1:
         raise InputError(f"crop/resize ratio must lie in (0, 1], not {ratio}")
     pairs = set()
     for size in sizes:
         if isinstance(size, str):
             resize, crop = resize_crop(size)
+            if crop % multiple:
+                raise InputError(f"FixRes size {size}: the crop must be a multiple of the model's patch side "
+                                 f"({multiple} px)")
         else:
-            resize, crop = round(size / ratio), int(size)
+            crop = max(multiple, multiple * round(int(size) / multiple))
+            resize = round(crop / ratio)
         pairs.add((resize, crop))
     return sorted(pairs, key=lambda rc: (rc[1], rc[0]))
 
@@ -294,7 +300,7 @@ def fixres_command(weights: Path, data_dir: Path, *, sizes: list[int | str] | No
     loaders = val_loaders(data_dir, resize=train_resize, crop=train_crop, batch_size=batch_size, device=device,
                           workers=workers)
     out_dir = out_dir or weights.parent
-    pairs = size_pairs(sizes or default_sizes(train_crop), train_crop / train_resize)
+    pairs = size_pairs(sizes or default_sizes(train_crop), train_crop / train_resize, patch_size(model.net))
     rows, chosen = choose(model, loaders, pairs, metric=metric, held_out=held_out, device=device, out_dir=out_dir,
                           train_crop=info.get("train_resolution"), title=f"FixRes: {weights.name}",
                           score_size=score_size)

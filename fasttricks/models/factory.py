@@ -47,8 +47,9 @@ def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Cla
               if v is not None}
     tagged = cfg.pretrained_name()
     try:
-        net = _pretrained(cfg, tagged, num_classes, kwargs) if tagged else \
-            timm.create_model(cfg.arch, pretrained=False, num_classes=num_classes, **kwargs)
+        net = _with_any_image_size(lambda **size: _pretrained(cfg, tagged, num_classes, {**kwargs, **size})
+                                   if tagged else timm.create_model(cfg.arch, pretrained=False,
+                                                                    num_classes=num_classes, **kwargs, **size))
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Invalid pretrained tag" in str(e):
             raise InputError(f"model.arch / model.pretrained: timm has no model {tagged or cfg.arch!r} "
@@ -58,6 +59,27 @@ def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Cla
         load_weights(net, cfg.weights)
     pretrained = getattr(net, "pretrained_cfg", {}) or {}
     return Classifier(net, mean or pretrained.get("mean", IMAGENET_MEAN), std or pretrained.get("std", IMAGENET_STD))
+
+
+def _with_any_image_size(create):
+    """``create(dynamic_img_size=True)`` for networks with a position embedding (ViT and kin): it
+    is then resized to each input's grid, as training at several resolutions and the FixRes sweep
+    need (the weights keep the grid they were made at). A network that takes no such argument (every
+    CNN) raises TypeError before building anything, and is created as it is."""
+    try:
+        return create(dynamic_img_size=True)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e):
+            raise
+        return create()
+
+
+def patch_size(net: nn.Module) -> int:
+    """The side of a patch for a network that cuts its input into patches (an input side must be a
+    multiple of it), 1 for any other."""
+    embed = getattr(net, "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    return int(size[0] if isinstance(size, (tuple, list)) else size) if size else 1
 
 
 class PretrainedUnavailable(WeightsError):

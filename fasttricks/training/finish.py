@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from fasttricks.evaluation import fixres
 from fasttricks.evaluation.evaluate import as_row, evaluate_splits
 from fasttricks.models.averaging import average_files, calibration_batches, recalibrate_batch_norm
+from fasttricks.models.factory import patch_size
 from fasttricks.models.weights import read_info, save_weights
 from fasttricks.progress import console
 from fasttricks.recipes import StageConfig
@@ -100,7 +101,8 @@ def _fixres(run: Run) -> dict:
     """Sweep the test size, write the curve, optionally fine-tune at the best size; the model's
     info then names that size (eval and export read it)."""
     cfg, data = run.recipe.fixres, run.recipe.data
-    sizes = fixres.size_pairs(cfg.sizes or fixres.default_sizes(data.val_crop), data.val_crop / data.val_resize)
+    sizes = fixres.size_pairs(cfg.sizes or fixres.default_sizes(data.val_crop), data.val_crop / data.val_resize,
+                              patch_size(run.model.net))
     _, chosen = fixres.choose(run.model, run.val_loaders, sizes, metric=cfg.metric, held_out=cfg.held_out,
                               device=run.device, out_dir=run.out,
                               train_crop=run.info.get("train_resolution"), title=f"FixRes: {run.recipe.name}",
