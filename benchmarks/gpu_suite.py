@@ -51,13 +51,17 @@ BENCH = REPO / "benchmarks"
 # PGD-3 665; N-FGSM, two passes, taken at half the plain rate); the rehearsal's process starts
 # (~10 s on 2 CPU cores, CUDA's start added). COMPILE_S is an assumption until a GPU run records
 # seconds_with_warmup: a cold inductor compile of one EfficientNet-B1 training graph on 16 cores.
-START_S = 25
-COMPILE_S = 50
+# The backbones (#35: ConvNeXt-L, CLIP ViT-B/16, plain and PGD-3 at 224, batch 128) have no measured
+# rate yet: projection.py's FLOP estimate, taken 3x slower, and 10 s to build the two models.
+START_S = 20
+COMPILE_S = 45
 CACHED_COMPILE_S = 12  # the same graph again in a new process: inductor's FX graph cache on local disk
 TOY_RUN_S = 20  # one compiled toy training run of the GPU tests (tiny graphs, cache warm after the first)
 MARGIN = 1.5
 STEP_IMAGES = 13 * 256  # 3 warm-up + 10 timed steps of batch 256
 RATES = {"plain": 2708, "pgd-3": 665, "n-fgsm": 1354}
+BACKBONE_RATES = (1679 / 3, 560 / 3, 3285 / 3, 1095 / 3)  # ConvNeXt-L plain, PGD-3; ViT-B/16 plain, PGD-3
+BACKBONE_IMAGES = 7 * 128  # 2 warm-up + 5 timed steps: a rate for the projection
 
 
 def _images_s(images: float, rate: float) -> float:
@@ -65,7 +69,8 @@ def _images_s(images: float, rate: float) -> float:
 
 
 BUDGET = {  # (process starts, cold graphs, cached graphs, seconds of work) per part
-    "eager steps": (1, 0, 0, sum(_images_s(STEP_IMAGES, r) for r in RATES.values())),
+    "eager steps": (1, 0, 0, sum(_images_s(STEP_IMAGES, r) for r in RATES.values())
+                    + 10 + sum(_images_s(BACKBONE_IMAGES, r) for r in BACKBONE_RATES)),  # and the backbones
     "projection (eager)": (0.4, 0, 0, 0),
     "augmentation": (1, 1, 0, 5),  # one graph (heavy augmentation + F-CutMix), ~10k images
     "compiled steps": (1, 2, 0, sum(_images_s(STEP_IMAGES, r) for r in RATES.values())),  # train, attack
@@ -88,10 +93,10 @@ def limit(starts: float, cold: int, cached: int, work: float) -> int:
 
 SIZES = {
     "gpu": {"arch": "efficientnet_b1", "res": 240, "batch": 256, "steps": 10, "warmup": 3, "aug_res": 224,
-            "aug_batch": 256, "aug_batches": 8, "aug_repeats": 5, "backend": "inductor",
+            "aug_batch": 256, "aug_batches": 8, "aug_repeats": 5, "backend": "inductor", "backbone_batch": 128,
             "limits": {name: limit(*cost) for name, cost in {**BUDGET, **TESTS_BUDGET}.items()}},
     "rehearsal": {"arch": "test_efficientnet", "res": 32, "batch": 8, "steps": 1, "warmup": 1, "aug_res": 32,
-                  "aug_batch": 16, "aug_batches": 2, "aug_repeats": 1, "backend": "aot_eager",
+                  "aug_batch": 16, "aug_batches": 2, "aug_repeats": 1, "backend": "aot_eager", "backbone_batch": 8,
                   "limits": {"eager steps": 60, "projection (eager)": 30, "augmentation": 60, "compiled steps": 90,
                              "loader saturation": 120, "projection": 30, "gpu tests": 120}},
 }
@@ -127,6 +132,11 @@ def _step(method: str, mode: str) -> Callable[[dict], float | None]:
                           mode=mode).get("images_per_s")
 
 
+def _backbone_step(recipe: str, method: str) -> Callable[[dict], float | None]:
+    return lambda f: _row(f.get("train step", {}).get("results", []), row="backbone_step", recipe=recipe,
+                          method=method).get("images_per_s")
+
+
 def _projected(recipe: str, mode: str) -> Callable[[dict], float | None]:
     return lambda f: f.get("projection", {}).get("projection", {}).get(mode, {}).get(recipe, {}).get("hours")
 
@@ -150,6 +160,11 @@ GOALS: list[tuple[str, Callable[[dict], float | None], float | None, str]] = [
     *[(f"projected {recipe} on ImageNet, {mode} rates (h)", _projected(recipe, mode), goal, "<=")
       for recipe, goal in (("winner", 10), ("winner-fast", 7), ("winner-pretrained", 5))
       for mode in ("eager", "compiled")],
+    # #35: the backbones' own steps, and their recipes' hours from them
+    *[(f"{recipe} {method} step, eager (img/s)", _backbone_step(recipe, method), None, ">=")
+      for recipe in ("winner-convnext", "winner-vit") for method in ("plain", "pgd-3")],
+    *[(f"projected {recipe} on ImageNet, eager rates (h)", _projected(recipe, "eager"), None, "<=")
+      for recipe in ("winner-convnext", "winner-vit")],
 ]
 
 
@@ -165,7 +180,8 @@ def parts(tag: str, results: Path, size: dict) -> list[tuple[str, list[str], Pat
             "--warmup", str(size["warmup"]), "--compile-backend", size["backend"], "--out", str(train_step)]
     project = [py, str(BENCH / "projection.py"), "--rates", str(train_step), "--out", str(projection)]
     listed = [
-        ("eager steps", [*step, "--rows", "steps_eager", "--compile", "off"], train_step),
+        ("eager steps", [*step, "--rows", "steps_eager,backbones", "--compile", "off", "--backbone-batch",
+                         str(size["backbone_batch"]), "--backbone-steps", "5", "--backbone-warmup", "2"], train_step),
         ("projection (eager)", project, projection),
         ("augmentation", [py, str(BENCH / "augment_throughput.py"), "--res", str(size["aug_res"]),
                           "--batch-size", str(size["aug_batch"]), "--batches", str(size["aug_batches"]),

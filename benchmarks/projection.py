@@ -19,6 +19,13 @@ the default), its ``pgd`` rows for k = 0, 1, 3. From them:
 - the guard: each epoch of a guarded stage, PGD-10 on its images at the recipe's test crop;
 - left out: evaluation, averaging's BN recalibration, the FixRes sweep (minutes, in each recipe).
 
+`winner-convnext` and `winner-vit` (#35) are projected from their own model's rates, the file's
+``backbone_step`` rows (plain and PGD-3, eager, at the recipe's full size: `make bench-gpu`
+measures them). Until a file has them, from an estimate, said in every term: the model's forward
+FLOPs at that size (counted by torch's FlopCounterMode on the meta device), a plain step at 3x them
+and a PGD-3 step at 9x (each attack step a forward and an input-gradient backward), run at an
+assumed 35% of an H100's dense bf16 peak (989 TFLOP/s); the behaviour stage at the plain rate.
+
     python benchmarks/projection.py
     python benchmarks/projection.py --rates results/train_step_throughput-NVIDIA-H200.json
 """
@@ -41,6 +48,41 @@ DEFAULT_RATES = RESULTS / "train_step_throughput-NVIDIA-H100-80GB-HBM3.json"
 DEFAULT_AUGMENTED = RESULTS / "train_step_throughput-NVIDIA-H100-80GB-HBM3-augmented.json"
 RECIPES = ("winner", "winner-fast", "winner-pretrained")
 GOALS = {"winner": 10.0, "winner-fast": 7.0, "winner-pretrained": 5.0}  # hours on one H100 (#13, #23, #31)
+BACKBONE_RECIPES = ("winner-convnext", "winner-vit")  # #35: projected from their own model's rates
+PEAK_FLOPS, ASSUMED_MFU = 989e12, 0.35  # H100 SXM dense bf16; the share of it assumed until measured
+
+
+def backbone_rates(report: dict, name: str) -> tuple[dict, int, str]:
+    """(rates, the resolution they hold at, where they come from) for a BACKBONE_RECIPES recipe."""
+    recipe = load_recipe(name)
+    rows = {r["method"]: r for r in report["results"]
+            if r.get("row") == "backbone_step" and r.get("recipe") == name and r.get("arch") == recipe.model.arch}
+    if {"plain", "pgd-3"} <= rows.keys():
+        plain, pgd3 = rows["plain"]["images_per_s"], rows["pgd-3"]["images_per_s"]
+        return ({"plain": plain, "pgd-3": pgd3, "saturation": 1.0, "behaviour": plain}, rows["plain"]["res"],
+                f"measured ({recipe.model.arch}, eager)")
+    res = recipe.stages[0].resolution.max
+    flops = forward_flops(recipe.model.arch, res)
+    plain, pgd3 = ASSUMED_MFU * PEAK_FLOPS / (3 * flops), ASSUMED_MFU * PEAK_FLOPS / (9 * flops)
+    return ({"plain": plain, "pgd-3": pgd3, "saturation": 1.0, "behaviour": plain}, res,
+            f"estimated: {flops / 1e9:.1f} GFLOP forward at {res} px, {ASSUMED_MFU:.0%} of {PEAK_FLOPS / 1e12:.0f} "
+            f"TFLOP/s (not measured yet)")
+
+
+def forward_flops(arch: str, res: int) -> float:
+    """FLOPs of one image's forward pass, counted on the meta device (no weights, no time)."""
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        try:
+            net = timm.create_model(arch, dynamic_img_size=True)
+        except TypeError:  # a CNN: no position embedding to resize
+            net = timm.create_model(arch)
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(1, 3, res, res))
+    return float(counter.get_total_flops())
 
 
 def step_rates(report: dict, augmented: dict | None = None) -> dict[str, dict]:
@@ -103,10 +145,16 @@ def stage_terms(recipe_name: str, rates: dict, res_measured: int) -> list[dict]:
 def project(report: dict, augmented: dict | None = None) -> dict:
     """{mode: {recipe: {"terms", "hours", "goal_hours"}}} for every mode the file measured."""
     res = measured_res(report)
-    return {mode: {name: {"terms": (terms := stage_terms(name, rates, res)),
-                          "hours": round(sum(t["hours"] for t in terms), 2), "goal_hours": GOALS.get(name)}
-                   for name in RECIPES}
-            for mode, rates in step_rates(report, augmented).items()}
+    out = {mode: {name: {"terms": (terms := stage_terms(name, rates, res)),
+                         "hours": round(sum(t["hours"] for t in terms), 2), "goal_hours": GOALS.get(name)}
+                  for name in RECIPES}
+           for mode, rates in step_rates(report, augmented).items()}
+    for name in BACKBONE_RECIPES:  # eager rates (measured or estimated), beside the others' eager ones
+        rates, at, source = backbone_rates(report, name)
+        terms = [{**t, "source": source} for t in stage_terms(name, rates, at)]
+        out.setdefault("eager", {})[name] = {"terms": terms, "hours": round(sum(t["hours"] for t in terms), 2),
+                                             "goal_hours": None, "source": source}
+    return out
 
 
 def main() -> None:

@@ -57,7 +57,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, machine, machine_tag, make_jpeg_folder, timed  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
-ROWS = ("steps", "steps_eager", "steps_compiled", "pgd", "one_step", "compile", "behaviour", "projection")
+ROWS = ("steps", "steps_eager", "steps_compiled", "backbones", "pgd", "one_step", "compile", "behaviour", "projection")
+# issue #35: the recipes on the backbones that lead Brain-Score in 2026, and the tiny timm model of
+# each family that stands in for them off a GPU
+BACKBONES = {"winner-convnext": "test_convnext", "winner-vit": "test_vit"}
 
 
 def parse_args(cuda: bool) -> argparse.Namespace:
@@ -78,6 +81,11 @@ def parse_args(cuda: bool) -> argparse.Namespace:
                    help="torch.compile's backend; aot_eager traces as inductor does without generating code "
                         "(the CPU rehearsal of the GPU suite: it checks the graphs, not their speed)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--backbone-batch", type=int, default=128 if cuda else 8, help="of the backbones rows")
+    p.add_argument("--backbone-steps", type=int, default=None, help="timed steps of the backbones rows (--steps)")
+    p.add_argument("--backbone-warmup", type=int, default=None, help="their warm-up steps (--warmup)")
+    p.add_argument("--backbone-res", type=int, default=None,
+                   help="of the backbones rows; default: each recipe's full training size (CUDA), --res (CPU)")
     p.add_argument("--append", action="store_true", help="keep the rows --out already holds, add these")
     args = p.parse_args()
     unknown = set(args.rows.split(",")) - set(ROWS)
@@ -125,7 +133,8 @@ class Bench:
                            workers=self.args.workers)
 
     def rate(self, model, stage: StageConfig, batches, *, tricks: StageConfig | None = None,
-             heavy: nn.Module | None = None, optimizer=None) -> float:
+             heavy: nn.Module | None = None, optimizer=None, steps: int | None = None,
+             warmup: int | None = None) -> float:
         """Images/s of ``--steps`` training steps on ``batches`` after ``--warmup`` untimed ones."""
         optimizer = optimizer or create_optimizer(self.model, stage.optimizer)
 
@@ -140,8 +149,8 @@ class Bench:
                 seen += labels.shape[0]
             return seen
 
-        run(self.args.warmup)
-        return timed(lambda: run(self.args.steps), self.device)
+        run(self.args.warmup if warmup is None else warmup)
+        return timed(lambda: run(self.args.steps if steps is None else steps), self.device)
 
     def fed(self, batch: int, res: int):
         self.epoch += 1
@@ -210,6 +219,32 @@ def step_rows(b: Bench, save, modes: tuple[str, ...] = ("eager", "compiled")) ->
                 row["compile_backend"] = a.compile_backend
             print(row, flush=True)
             save(row)
+
+
+def backbone_rows(b: Bench, save) -> None:
+    """Plain and PGD-3 training steps, eager, of each BACKBONES recipe's model (the recipe's own on
+    CUDA, its family's tiny stand-in elsewhere) at its full training size: the rates projection.py
+    projects those recipes with. A row each, saved as it ends; each model freed before the next."""
+    a = b.args
+    for name, tiny in BACKBONES.items():
+        recipe = load_recipe(name)
+        arch = recipe.model.arch if b.device.type == "cuda" else tiny
+        res = a.backbone_res or (recipe.stages[0].resolution.max if b.device.type == "cuda" else a.res)
+        model = create_model(ModelConfig(arch=arch), 1000).to(b.device).to(memory_format=torch.channels_last)
+        batch = itertools.repeat(b.synthetic(a.backbone_batch, res))
+        for method in ("plain", "pgd-3"):
+            stage = StageConfig(optimizer=OptimizerConfig(name="adamw", lr=1e-5), adversarial=STEP_METHODS[method])
+            tic = time.perf_counter()
+            rate = b.rate(model, stage, batch, optimizer=create_optimizer(model, stage.optimizer),
+                          steps=a.backbone_steps, warmup=a.backbone_warmup)
+            row = {"row": "backbone_step", "recipe": name, "arch": arch, "method": method, "mode": "eager",
+                   "res": res, "batch_size": a.backbone_batch, "images_per_s": round(rate, 1),
+                   "seconds_with_warmup": round(time.perf_counter() - tic, 1)}
+            print(row, flush=True)
+            save(row)
+        del model, batch
+        if b.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def compile_row(b: Bench) -> dict:
@@ -334,6 +369,8 @@ def main() -> None:
         for mode in ("eager", "compiled"):
             if f"steps_{mode}" in wanted:
                 step_rows(b, save, (mode,))
+        if "backbones" in wanted:
+            backbone_rows(b, save)
         if "compile" in wanted:
             save(compile_row(b))
         if "pgd" in wanted:

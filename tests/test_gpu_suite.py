@@ -52,11 +52,13 @@ def test_the_suite_fails_when_a_part_fails_or_a_figure_is_missing_never_for_a_mi
     figures = {"train step": {"results": [{"row": "pgd", "pgd_steps": 3, "saturation": 0.5},
                                           {"row": "behaviour", "saturation": 0.5},
                                           *_steps({(m, mode): 1.0 for m in ("plain", "pgd-3", "n-fgsm")
-                                                   for mode in ("eager", "compiled")})]},
+                                                   for mode in ("eager", "compiled")}),
+                                          *[{"row": "backbone_step", "recipe": r, "method": m, "images_per_s": 1.0}
+                                            for r in ("winner-convnext", "winner-vit") for m in ("plain", "pgd-3")]]},
                "augmentation": {"images_per_s_batched_compiled": 1.0, "images_per_s_batched_on_device": 1.0},
-               "projection": {"projection": {mode: {r: {"hours": 99.0} for r in ("winner", "winner-fast",
-                                                                                  "winner-pretrained")}
-                                             for mode in ("eager", "compiled")}}}
+               "projection": {"projection": {mode: {r: {"hours": 99.0} for r in (
+                   "winner", "winner-fast", "winner-pretrained", "winner-convnext", "winner-vit")}
+                   for mode in ("eager", "compiled")}}}
     ran = [{"part": p, "rc": 0} for p in ("train step", "augmentation", "projection", "gpu tests")]
     assert gpu_suite.verdict(figures, ran) is None  # every goal missed, every figure there: status 0
     del figures["augmentation"]
@@ -85,13 +87,13 @@ def test_the_gpu_budgets_fit_one_call_of_eight_minutes_and_the_tests_call_fits_t
     assert gpu_suite.budget_problems(limits) == []
     assert gpu_suite.INSTALL_S + sum(limits[n] for n in gpu_suite.SUITES["figures"]) <= 8 * 60
     assert names[:2] == ["eager steps", "projection (eager)"]  # three step figures and three hours, first
-    assert limits["compiled steps"] >= limits["eager steps"] + 2 * gpu_suite.COMPILE_S  # two cold graphs
+    assert limits["compiled steps"] >= gpu_suite.START_S + 2 * gpu_suite.COMPILE_S  # two cold graphs
     assert limits["gpu tests"] >= 7 * gpu_suite.TOY_RUN_S
     too_long = gpu_suite.budget_problems({**limits, "gpu tests": 420, "augmentation": 200})
     assert len(too_long) == 2 and "over its 480 s" in too_long[0] and "over the lease's 900 s" in too_long[1]
     eager = next(cmd for name, cmd, _ in gpu_suite.parts("t", tmp_path, size) if name == "eager steps")
     assert eager[eager.index("--res") + 1] == "240" and "efficientnet_b1" in eager
-    assert eager[eager.index("--rows") + 1] == "steps_eager" and "--append" not in eager  # a fresh file
+    assert eager[eager.index("--rows") + 1] == "steps_eager,backbones" and "--append" not in eager  # a fresh file
 
 
 def test_the_projection_reproduces_the_published_h100_hours_from_the_eager_rates_of_2026_11_22():

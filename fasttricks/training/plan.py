@@ -28,7 +28,9 @@ def describe_plan(recipe: Recipe, data_dir: str | os.PathLike, out: Path) -> lis
         lines.append(f"stage {i} {stage.name!r}: epochs {starts[i] + 1}-{starts[i] + stage.epochs} of "
                      f"{recipe.total_epochs()}, batch {stage.batch_size}, {stage.optimizer.name} lr "
                      f"{stage.peak_lr():.4g}; resolution {_resolutions(stage)}" + _extras(stage))
-    lines.append(_batch_norm_line(recipe, len(manifests["train"]["classes"])))
+    net = _structure(recipe, len(manifests["train"]["classes"]))
+    lines += _frozen_lines(recipe, net)
+    lines.append(_batch_norm_line(recipe, net))
     lines += _compiled_lines(recipe)
     if recipe.fixres is not None:
         lines.append("then: the FixRes test-size sweep" + (" and fine-tuning" if recipe.fixres.finetune else ""))
@@ -56,16 +58,33 @@ def _compiled_lines(recipe: Recipe) -> list[str]:
     return lines + [f"  {stage}: {', '.join(g)}" for stage, g in graphs.items()]
 
 
-def _batch_norm_line(recipe: Recipe, num_classes: int) -> str:
-    """What each batch norm normalises over at this launch's process count (torchrun's WORLD_SIZE)."""
+def _structure(recipe: Recipe, num_classes: int):
+    """The recipe's network on the meta device: its modules and names, no weights made or read."""
     import timm
     import torch
 
+    with torch.device("meta"):
+        return timm.create_model(recipe.model.arch, num_classes=num_classes)
+
+
+def _frozen_lines(recipe: Recipe, net) -> list[str]:
+    """What each freezing stage freezes, by name, for this network (models/freezing.py)."""
+    from fasttricks.models import freezing
+
+    lines = []
+    for i, stage in enumerate(recipe.stages):
+        if stage.freeze:
+            names = freezing.resolve(net, stage.freeze)
+            spec = stage.freeze if isinstance(stage.freeze, str) else "by name"
+            lines.append(f"stage {i} {stage.name!r} freezes ({spec}, {len(names)}): {', '.join(names)}")
+    return lines
+
+
+def _batch_norm_line(recipe: Recipe, net) -> str:
+    """What each batch norm normalises over at this launch's process count (torchrun's WORLD_SIZE)."""
     from fasttricks.runtime.distributed import batch_norm_scope
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    with torch.device("meta"):  # the structure alone: no weights are made or read
-        net = timm.create_model(recipe.model.arch, num_classes=num_classes)
     scope = batch_norm_scope(net, recipe.model.sync_batchnorm, {s.name: s.batch_size for s in recipe.stages}, world)
     if scope is None:
         return f"normalisation: {recipe.model.arch} has no batch norm: the same run on any number of processes"
