@@ -10,13 +10,14 @@ points (the logging points themselves read the loss back, on purpose).
 It also refuses a tensor made from host data inside a step (``torch.tensor``, ``torch.as_tensor``,
 ``torch.asarray``, ``Tensor.new_tensor``): on the CPU that is a plain constructor, on CUDA a copy
 from pageable host memory, which waits for every kernel queued before it. Those calls are seen at
-the Python level (a ``TorchFunctionMode``), since no dispatched operator says where the data came
-from; what a step needs is made on the device instead (``torch.full``, arithmetic with Python numbers).
+the Python level (the four constructors are replaced for the duration), since no dispatched
+operator says where the data came from; what a step needs is made on the device instead
+(``torch.full``, arithmetic with Python numbers).
 
 What it cannot see: a read of a CPU tensor that a GPU run would hold on the device (it sees the
 operator, not where the tensor would live), and copies to the host (``.cpu()``, ``.tolist()``),
-which on the CPU are no operators at all (nor is ``torch.from_numpy``, which torch does not let a
-mode see). On CUDA ``guard`` uses torch's
+which on the CPU are no operators at all (nor ``torch.from_numpy``, a view of host memory: its
+copy to the device is the sync, and on the CPU there is none). On CUDA ``guard`` uses torch's
 ``set_sync_debug_mode("error")`` instead, which sees those; the GPU tests run every stage kind
 under it.
 """
@@ -28,7 +29,6 @@ import traceback
 from contextlib import contextmanager
 
 import torch
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fasttricks.errors import InputError
@@ -53,18 +53,30 @@ class HostSyncError(RuntimeError):
 
 
 # tensors built from host data: on CUDA each is a blocking copy from pageable memory
-HOST_DATA = {torch.tensor: "torch.tensor", torch.as_tensor: "torch.as_tensor", torch.asarray: "torch.asarray",
-             torch.Tensor.new_tensor: "Tensor.new_tensor"}
+HOST_DATA = ((torch, "tensor"), (torch, "as_tensor"), (torch, "asarray"), (torch.Tensor, "new_tensor"))
 
 
-class _NoHostData(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = HOST_DATA.get(func)
-        if name is not None:
-            raise HostSyncError(f"host sync inside a training step: {name} makes a tensor from host data (on CUDA a "
-                                f"blocking copy; make it on the device: torch.full, or arithmetic with Python "
+@contextmanager
+def _no_host_data():
+    """The constructors of HOST_DATA replaced by ones that raise, for the block. By replacement,
+    not a TorchFunctionMode: a mode would see every operator of the step and slow it severalfold."""
+    def refusing(owner, name):
+        label = f"{'Tensor.' if owner is torch.Tensor else 'torch.'}{name}"
+
+        def refuse(*args, **kwargs):
+            raise HostSyncError(f"host sync inside a training step: {label} makes a tensor from host data (on CUDA "
+                                f"a blocking copy; make it on the device: torch.full, or arithmetic with Python "
                                 f"numbers); called from {_caller()}")
-        return func(*args, **(kwargs or {}))
+        return refuse
+
+    saved = [(owner, name, getattr(owner, name)) for owner, name in HOST_DATA]
+    for owner, name, _ in saved:
+        setattr(owner, name, refusing(owner, name))
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
 
 
 class no_host_sync(TorchDispatchMode):  # noqa: N801 (a context manager, named like torch's modes)
@@ -72,7 +84,7 @@ class no_host_sync(TorchDispatchMode):  # noqa: N801 (a context manager, named l
     first tensor made from host data."""
 
     def __enter__(self):
-        self._host_data = _NoHostData()
+        self._host_data = _no_host_data()
         self._host_data.__enter__()
         return super().__enter__()
 
