@@ -103,7 +103,9 @@ def _stop_after_the_averaging(toy_data, out, monkeypatch):
     assert (out / "checkpoints" / "s1-e002-avg").is_dir() and not (out / "final.safetensors").exists()
 
 
-def _crash_in(target, name):
+def _crash_in(target, name, model_written: bool = False):
+    """A crash inside ``target.name``; the final model is on disk already when the crash is in the
+    final evaluation (training/finish.py: the model first), and the summary says so."""
     def stop(toy_data, out, monkeypatch):
         def crash(*args, **kwargs):
             raise RuntimeError("node lost")
@@ -111,7 +113,9 @@ def _crash_in(target, name):
             m.setattr(target, name, crash)
             with pytest.raises(RuntimeError, match="node lost"):
                 train(_winner(*SHORT), toy_data, out, show_progress=False)
-        assert not (out / "final.safetensors").exists()
+        assert (out / "final.safetensors").exists() == model_written
+        if model_written:
+            assert json.loads((out / "summary.json").read_text())["final_evaluation"] == "pending"
     return stop
 
 
@@ -120,7 +124,8 @@ def _without(row: dict, keys) -> dict:
 
 
 @pytest.mark.parametrize("stop", [_stop_after_the_last_epoch, _stop_after_the_averaging,
-                                  _crash_in(fixres, "choose"), _crash_in(finish_module, "_final_accuracy")],
+                                  _crash_in(fixres, "choose"),
+                                  _crash_in(finish_module, "_final_accuracy", model_written=True)],
                          ids=["after the last epoch", "after the averaging", "during FixRes",
                               "during the final evaluation"])
 def test_a_resume_at_every_boundary_after_the_last_stage_leaves_the_uninterrupted_runs_files(
