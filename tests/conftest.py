@@ -26,8 +26,9 @@ LEARNING_TOY = ToyOptions(seed=0, size=48, train_per_class=160, val_per_class=10
 # the slowest modules go first, so that the two finish together rather than one waiting on the last
 # long module (measured with --durations; tests/README.md).
 SLOWEST_FIRST = ("test_winner.py", "test_train.py", "test_distributed.py", "test_compile.py", "test_autoattack.py",
-                 "test_syncguard.py", "test_fast_at.py", "test_run_format.py", "test_follow.py", "test_guard.py",
-                 "test_fixres.py", "test_loader.py", "test_watch.py", "test_runs.py", "test_sam.py", "test_heavy.py")
+                 "test_syncguard.py", "test_fast_at.py", "test_run_format.py", "test_backbones.py", "test_follow.py",
+                 "test_guard.py", "test_fixres.py", "test_loader.py", "test_watch.py", "test_runs.py", "test_memory.py",
+                 "test_sam.py", "test_heavy.py")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # two workers on two cores: one thread each, not two apiece competing

@@ -28,7 +28,7 @@ def test_the_winner_runs_on_each_leading_family_and_freezes_what_the_dry_run_nam
                                                                                    tmp_path):
     weights = _weights_file(arch, tmp_path / "start.safetensors")
     recipe = load_recipe(f"winner-{family}", [f"overrides/toy-winner-{family}"], [
-        f"model.weights={weights}", "stages.0.epochs=2", "stages.1.epochs=2", "stages.1.average.last=2",
+        f"model.weights={weights}", "stages.0.epochs=1", "stages.1.epochs=2", "stages.1.average.last=2",
         "evaluation.attack.steps=1"])
     assert recipe.model.arch == arch
     plan = describe_plan(recipe, toy_data, tmp_path / "r")
@@ -39,7 +39,7 @@ def test_the_winner_runs_on_each_leading_family_and_freezes_what_the_dry_run_nam
     info = read_info(out / "final.safetensors")
     assert info["frozen"] == named and info["batch_norm"] is None  # LayerNorm networks
     # the frozen part is the robust stage's, to the bit, after the behaviour stage and its averaging
-    robust, final = (load_file(str(p)) for p in (out / "checkpoints" / "s0-e002" / "model.safetensors",
+    robust, final = (load_file(str(p)) for p in (out / "checkpoints" / "s0-e001" / "model.safetensors",
                                                  out / "final.safetensors"))
     frozen = [k for k in final if any(k == n or k.startswith(n + ".") for n in named)]
     assert frozen and all(torch.equal(final[k], robust[k]) for k in frozen)

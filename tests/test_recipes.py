@@ -14,7 +14,7 @@ def test_every_shipped_recipe_is_valid_alone_and_with_the_toy_override(path):
     assert recipe.stages
     for override in {TOY, toy_override(recipe)}:  # the one ablate's README commands give, and train --data toy's
         toy = load_recipe(path, [override])
-        assert toy.model.arch == "test_efficientnet" and toy.model.pretrained is None  # tiny, never downloads
+        assert toy.model.arch.startswith("test_") and toy.model.pretrained is None  # timm's tiny ones, never downloads
         assert all(s.batch_size == 64 for s in toy.stages)
 
 
