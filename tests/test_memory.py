@@ -85,6 +85,11 @@ def test_the_final_model_is_written_before_the_final_evaluation_and_resume_compl
     weights = (out / "final.safetensors").read_bytes()
     metrics, checkpoints = (out / "metrics.jsonl").read_text(), sorted(p.name for p in (out / "checkpoints").iterdir())
 
+    from fasttricks.runs.status import describe, run_status
+
+    status = run_status(out)
+    assert not status["finished"] and status["evaluation_pending"]
+    assert any("finishes it without training" in line for line in describe(status))
     monkeypatch.setattr(finish, "_final_accuracy", real)
     calls = []
     monkeypatch.setattr("fasttricks.training.loop._run_epoch", lambda *a, **k: calls.append(a))
@@ -95,3 +100,4 @@ def test_the_final_model_is_written_before_the_final_evaluation_and_resume_compl
     assert (out / "final.safetensors").read_bytes() == weights
     assert (out / "metrics.jsonl").read_text() == metrics
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
+    assert run_status(out)["finished"] and not run_status(out)["evaluation_pending"]

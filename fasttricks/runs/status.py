@@ -62,11 +62,13 @@ def run_status(run: Path) -> dict:
     position = found[-1][0] if found else Position(0, 0)
     remaining, unknown = remaining_seconds(recipe, mean_times(epoch_times(rows)), position.stage, position.epoch,
                                            position.step / _steps(rows, position.stage))
-    finished = (run / "summary.json").is_file() and not evaluation_pending(run)
+    pending = evaluation_pending(run)
+    finished = (run / "summary.json").is_file() and not pending
     last = next((r for r in reversed(rows) if any(k.endswith("_top1") for k in r)), {})
     stage = recipe.stages[min(position.stage, len(recipe.stages) - 1)]
     return {
-        "run": str(run), "recipe": recipe.name, "finished": finished, "writer_pid": writer_pid(run),
+        "run": str(run), "recipe": recipe.name, "finished": finished, "evaluation_pending": pending,
+        "writer_pid": writer_pid(run),
         "stage": stage.name, "stage_index": position.stage, "epoch": position.epoch, "of_epochs": stage.epochs,
         "step": position.step, "images_per_s": rows[-1].get("images_per_s") if rows else None,
         "eta_stage_s": None if finished else (None if stage.name in unknown else remaining[position.stage]),
@@ -99,7 +101,10 @@ def describe(status: dict) -> list[str]:
              f"  stage {status['stage']} ({status['stage_index'] + 1}), epoch {status['epoch']}/{status['of_epochs']}"
              + (f", step {status['step']}" if status["step"] else "")
              + (f" · {status['images_per_s']:.0f} img/s" if status["images_per_s"] else "")]
-    if not status["finished"]:
+    if status.get("evaluation_pending"):
+        lines.append(f"  trained, final.safetensors written; its final evaluation did not end: "
+                     f"`fasttricks train --resume --out {status['run']}` finishes it without training")
+    elif not status["finished"]:
         lines.append(f"  ETA: stage {format_duration(status['eta_stage_s'])}, "
                      f"run {format_duration(status['eta_run_s'])}"
                      + (f" (not measured yet: {', '.join(status['not_measured_yet'])})"
