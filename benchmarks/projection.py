@@ -75,11 +75,10 @@ def forward_flops(arch: str, res: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fasttricks.models.factory import with_any_image_size
+
     with torch.device("meta"):
-        try:
-            net = timm.create_model(arch, dynamic_img_size=True)
-        except TypeError:  # a CNN: no position embedding to resize
-            net = timm.create_model(arch)
+        net = with_any_image_size(lambda **size: timm.create_model(arch, **size))  # a ViT at the recipe's size
         with FlopCounterMode(display=False) as counter:
             net(torch.empty(1, 3, res, res))
     return float(counter.get_total_flops())

@@ -66,7 +66,7 @@ class Chunks:
             end = start + self.size
             try:
                 out.append(attack(images[start:end], labels[start:end], ids[start:end]))
-            except (torch.OutOfMemoryError, RuntimeError) as e:
+            except RuntimeError as e:  # torch.OutOfMemoryError is one; other errors are re-raised
                 if not is_out_of_memory(e) or self.size == 1:
                     raise
                 self._shrink(images.device)

@@ -47,7 +47,7 @@ def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Cla
               if v is not None}
     tagged = cfg.pretrained_name()
     try:
-        net = _with_any_image_size(lambda **size: _pretrained(cfg, tagged, num_classes, {**kwargs, **size})
+        net = with_any_image_size(lambda **size: _pretrained(cfg, tagged, num_classes, {**kwargs, **size})
                                    if tagged else timm.create_model(cfg.arch, pretrained=False,
                                                                     num_classes=num_classes, **kwargs, **size))
     except RuntimeError as e:
@@ -61,7 +61,7 @@ def create_model(cfg: ModelConfig, num_classes: int, mean=None, std=None) -> Cla
     return Classifier(net, mean or pretrained.get("mean", IMAGENET_MEAN), std or pretrained.get("std", IMAGENET_STD))
 
 
-def _with_any_image_size(create):
+def with_any_image_size(create):
     """``create(dynamic_img_size=True)`` for networks with a position embedding (ViT and kin): it
     is then resized to each input's grid, as training at several resolutions and the FixRes sweep
     need (the weights keep the grid they were made at). A network that takes no such argument (every
