@@ -191,3 +191,18 @@ def test_each_table_row_shows_its_own_description():
     table2 = [rows[n] for n in rows if n.startswith("table2/")]
     assert len(set(table1)) == len(table1) == 9 and len(set(table2)) == len(table2) == 4
     assert rows["table2/linf-eps4"] != rows["baseline"]  # not the base's words
+
+
+@pytest.mark.parametrize("family", ["convnext", "vit"])
+def test_each_backbone_table_row_differs_from_plain_fine_tuning_only_by_its_trick(family):
+    """tables-<family>/'s rows are compared with row 1 by `ablate`, so a row's difference must be its
+    trick alone: the augmentation and mixing (Table 1's row 5) or the attack (Table 2's row)."""
+    rows = {p.stem: load_recipe(p).model_dump() for p in sorted((PIPELINES / f"tables-{family}").glob("[0-9]*.yaml"))}
+    plain = rows.pop("1-finetune")
+    differs = {}
+    for stem, row in rows.items():
+        keys = {k for k in row if k not in {"name", "paper", "description"} and row[k] != plain[k]}
+        assert keys == {"stages"}, stem
+        differs[stem] = {k for k, v in row["stages"][0].items() if v != plain["stages"][0][k]}
+    assert differs == {"2-heavy-aug-fcutmix": {"augment", "mixing"}, "3-linf-eps4": {"adversarial"}}
+    assert plain["start"] == "trained" and plain["evaluation"]["attack"]["eps"] == pytest.approx(4 / 255)

@@ -15,7 +15,8 @@ from fasttricks.models.weights import read_info
 from fasttricks.recipes import PIPELINES, load_recipe
 from fasttricks.runs.folder import RunFolderError
 from fasttricks.training import finish as finish_module
-from fasttricks.training.ablate import ablate
+from fasttricks.training.ablate import METRICS, ablate
+from fasttricks.training.ablation_plot import panels
 from fasttricks.training.loop import train
 
 TIMING = {"images_per_s", "seconds", "seconds_this_call", "guard_seconds"}
@@ -254,3 +255,18 @@ def test_ablate_with_seeds_averages_each_row_and_pairs_its_differences_with_the_
     assert "Δ val_clutter top-1 vs 1-baseline" in table and "2 seeds per row" in table
     assert table.splitlines()[2].startswith("| 1-baseline |") and table.splitlines()[2].endswith("| — | — |")
     assert f"| {base['val_top1']:.1f} ± {base['sd']['val_top1']:.1f} |" in table
+    # the plot: a panel per accuracy (no time panel), each row's seeds in seed order, so they pair
+    shown = panels(result["rows"], METRICS)
+    assert set(shown) == {"val_top1", "val_clutter_top1"}
+    assert shown["val_clutter_top1"] == [base["per_seed"]["val_clutter_top1"], fc["per_seed"]["val_clutter_top1"]]
+    assert (tmp_path / "out" / "ablation.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_ablation_plot_shows_a_single_runs_accuracies_and_only_what_a_row_measured(tmp_path):
+    from fasttricks.training.ablation_plot import plot_ablation
+
+    rows = [{"recipe": "1-a", "val_top1": 80.0, "robust_seconds": 9.0},
+            {"recipe": "2-b", "val_top1": 70.0, "val_robust_top1": 30.0, "robust_seconds": 20.0}]
+    assert panels(rows, METRICS) == {"val_top1": [[80.0], [70.0]], "val_robust_top1": [[], [30.0]]}
+    assert plot_ablation(rows, METRICS, tmp_path).read_bytes().startswith(b"\x89PNG")
+    assert plot_ablation([{"recipe": "1-a", "robust_seconds": 9.0}], METRICS, tmp_path / "none") is None

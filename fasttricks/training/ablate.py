@@ -29,6 +29,7 @@ from fasttricks.recipes import Recipe
 from fasttricks.robust.pgd import describe_eps
 from fasttricks.runs import folder as run_folder
 from fasttricks.runs.scores import BRAINSCORE
+from fasttricks.training.ablation_plot import plot_ablation
 
 METRICS = {"val_top1": "val top-1", "val_clutter_top1": "val_clutter top-1", "val_robust_top1": "robust top-1",
            "val_autoattack_top1": "AutoAttack top-1", "robust_seconds": "robust-stage s",
@@ -112,7 +113,8 @@ def _check_replacements(runs_by_file: dict[Path, list[tuple[Recipe, Path]]], ove
 def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=(), sets=(),
            device: torch.device | None = None, seeds: int = 1, overwrite: bool = False,
            benchmarks: list[str] = (), toy: bool = False) -> dict:
-    """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md`` and ``.json``.
+    """Run every recipe of ``folder`` (``seeds`` times each); write ``OUT/ablation.md``, ``.json``
+    and ``.png`` (each row's accuracies, seed by seed).
     With ``benchmarks``, each run's final model is also scored on those Brain-Score benchmarks (a
     column each, the records in the run's ``brainscore/scores.jsonl``, each model scored once).
     With ``toy`` and no ``overrides``, each row gets its own recipe's toy override, as ``train
@@ -142,6 +144,7 @@ def ablate(folder: Path, data_dir: str | os.PathLike, out: Path, *, overrides=()
     make_folder(out)
     write_json(out / "ablation.json", result)
     write_text(out / "ablation.md", markdown(rows))
+    plot_ablation(rows, _metrics(rows), out)
     return result
 
 
