@@ -43,7 +43,7 @@ def plot_ablation(rows: list[dict], metrics: dict[str, str], out: Path) -> Path 
         ax.plot(range(len(rows)), means, "_", color="black", markersize=22, markeredgewidth=2,
                 label="mean" if seeds > 1 else None)
         ax.set_title(metrics[key])
-        ax.set_ylabel("%")
+        ax.set_ylabel("%" if key.endswith("_top1") else "score")  # Brain-Score columns are 0-1
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.grid(axis="y", alpha=0.3)
